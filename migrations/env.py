@@ -1,0 +1,46 @@
+"""Alembic environment for the platform database; the URL comes from the caller's Config, never the environment."""
+
+from alembic import context
+from sqlalchemy import pool
+
+from trainyard.db import create_db_engine
+from trainyard.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connectable = config.attributes.get("connection")
+    if connectable is None:
+        engine = create_db_engine(config.get_main_option("sqlalchemy.url"))
+        engine.pool = pool.NullPool(engine.pool._creator)  # a one-shot connection
+        with engine.connect() as connection:
+            _run(connection)
+        engine.dispose()
+    else:
+        _run(connectable)
+
+
+def _run(connection) -> None:
+    # Batch mode lets later revisions alter columns on SQLite, which has no ALTER COLUMN.
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

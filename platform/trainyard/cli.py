@@ -1,0 +1,235 @@
+"""The `trainyard` command: run the platform (`up`, `worker`, `db`) and use it over REST (`submit`, `status`, `jobs`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from trainyard.config import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trainyard: train and serve image models.")
+db_app = typer.Typer(no_args_is_help=True, help="Platform database schema.")
+app.add_typer(db_app, name="db")
+console = Console()
+err = Console(stderr=True)
+
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def main() -> None:
+    app()
+
+
+# ---- running the platform ---------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+    """Migrate the platform database to the latest schema (creates it if missing)."""
+    from trainyard.datasets import ensure_builtin_datasets
+    from trainyard.db import Database, upgrade_schema
+
+    settings = Settings()
+    if settings.database_url.startswith("sqlite"):
+        settings.ensure_data_dir()
+    upgrade_schema(settings.database_url, revision)
+    db = Database(settings.database_url)
+    try:
+        ensure_builtin_datasets(db)
+    finally:
+        db.dispose()
+    console.print(f"database at {_redact(settings.database_url)} is at revision {revision}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's revision and the code's head revision."""
+    from trainyard.db import create_db_engine, schema_revisions
+
+    engine = create_db_engine(Settings().database_url)
+    try:
+        current, head = schema_revisions(engine)
+    finally:
+        engine.dispose()
+    console.print(f"database: {current or 'empty'}; code head: {head}")
+    if current != head:
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(queues: str = typer.Option("", help="Comma-separated queues to consume.")) -> None:
+    """Start this host's worker pool: one Celery worker per GPU, or one on the CPU."""
+    argv = [sys.executable, "-m", "trainyard_workers", "pool"] + ([f"--queues={queues}"] if queues else [])
+    os.execv(sys.executable, argv)
+
+
+@app.command()
+def up() -> None:
+    """Start the web UI and API, one worker and the MLflow UI; Ctrl-C stops them all."""
+    from trainyard.launcher import run_embedded
+
+    raise typer.Exit(run_embedded(Settings(), console))
+
+
+# ---- using the platform over REST -------------------------------------------------------------------
+
+
+def _client(settings: Settings) -> httpx.Client:
+    return httpx.Client(base_url=settings.api_url.rstrip("/") + "/api/v1", timeout=30)
+
+
+def _request(method: str, path: str, **kwargs: Any) -> Any:
+    settings = Settings()
+    try:
+        with _client(settings) as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        err.print(f"[red]cannot reach Trainyard at {settings.api_url}[/]: {exc} (is `trainyard up` running? "
+                  "TRAINYARD_API_URL points elsewhere)")
+        raise typer.Exit(2) from None
+    if response.is_error:
+        try:
+            problem = response.json()
+            err.print(f"[red]{problem.get('title', 'error')}[/] ({response.status_code}): {problem.get('detail', '')}")
+        except ValueError:
+            err.print(f"[red]HTTP {response.status_code}[/]: {response.text[:500]}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+@app.command()
+def submit(
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Registered dataset name."),
+    architecture: str = typer.Option(None, "--architecture", "-a", help="Registered architecture name."),
+    kind: str = typer.Option("train", help="Job kind."),
+    name: str = typer.Option(None, help="Job name (default: <architecture>-<dataset>)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Hyperparameter as key=value, e.g. -p epochs=5."),
+    queue: str = typer.Option(None, help="Queue (resources.queue)."),
+    gpus: int = typer.Option(None, help="GPUs (resources.gpus)."),
+    priority: int = typer.Option(None, help="0–9, higher runs first."),
+    spec_file: Path = typer.Option(None, "--spec", help="A JSON job spec; options above override its fields."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the job until it ends."),
+) -> None:
+    """Submit a job (the same fields as POST /api/v1/jobs) and print its id."""
+    spec: dict[str, Any] = json.loads(spec_file.read_text()) if spec_file else {}
+    spec["kind"] = kind if kind else spec.get("kind", "train")
+    for key, value in (("dataset", dataset), ("architecture", architecture), ("name", name),
+                       ("priority", priority)):
+        if value is not None:
+            spec[key] = value
+    resources = spec.setdefault("resources", {})
+    if queue is not None:
+        resources["queue"] = queue
+    if gpus is not None:
+        resources["gpus"] = gpus
+    params = spec.setdefault("params", {})
+    for item in param:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            err.print(f"[red]--param {item!r}[/]: expected key=value, e.g. -p epochs=5")
+            raise typer.Exit(2)
+        params[key.strip()] = _parse_value(raw.strip())
+    job = _request("POST", "/jobs", json=spec)
+    console.print(f"submitted job [bold]{job['id']}[/] ({job['name']}): {job['status']}")
+    if watch:
+        _watch(job["id"])
+
+
+@app.command()
+def status(
+    job_id: int = typer.Argument(..., help="Job id."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Show a progress bar until the job ends."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job as JSON."),
+) -> None:
+    """Show a job's status, progress, metrics and history."""
+    if watch:
+        _watch(job_id)
+        return
+    job = _request("GET", f"/jobs/{job_id}")
+    if as_json:
+        console.print_json(data=job)
+        return
+    _print_job(job)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    progress = job.get("progress") or {}
+    console.print(f"job [bold]{job['id']}[/] {job['name']}: [bold]{job['status']}[/] "
+                  f"(attempt {job['attempt']}/{job['max_attempts']}, epoch {progress.get('epoch', 0)}/"
+                  f"{progress.get('epochs', '?')})")
+    for key, value in (job.get("metrics") or {}).items():
+        console.print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    if job.get("mlflow_run_id"):
+        console.print(f"  mlflow run: {job['mlflow_run_id']}")
+    if job.get("error"):
+        console.print(f"  [red]error[/]: {job['error'].splitlines()[0]}")
+    for event in job.get("events", []):
+        console.print(f"  {event['at']}  {event['from_status'] or '-'} → {event['to_status']}  "
+                      f"(attempt {event['attempt']}) {event['message']}")
+
+
+def _watch(job_id: int, interval: float = 1.0) -> None:
+    with Progress(TextColumn("job {task.fields[job]} {task.fields[status]}"), BarColumn(),
+                  TextColumn("epoch {task.fields[epoch]}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("job", job=job_id, status="", epoch="", total=None)
+        while True:
+            job = _request("GET", f"/jobs/{job_id}")
+            progress = job.get("progress") or {}
+            epochs = progress.get("epochs") or None
+            # Within an epoch, batches move the bar too: epoch 2 of 5, batch 30 of 40 → 1.75 of 5.
+            done = progress.get("epoch", 0)
+            if progress.get("batches") and progress.get("batch") and done < (epochs or 0):
+                done = min(done + progress["batch"] / progress["batches"], epochs)
+            bar.update(task, status=job["status"], total=epochs, completed=done,
+                       epoch=f"{progress.get('epoch', 0)}/{epochs or '?'}")
+            if job["status"] in TERMINAL:
+                break
+            time.sleep(interval)
+    _print_job(job)
+    if job["status"] != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command("jobs")
+def list_jobs(
+    status_filter: str = typer.Option(None, "--status", help="Comma-separated statuses."),
+    limit: int = typer.Option(20, min=1, max=200),
+) -> None:
+    """List jobs, newest first."""
+    query = {"limit": limit, **({"status": status_filter} if status_filter else {})}
+    page = _request("GET", "/jobs?" + urllib.parse.urlencode(query))
+    table = Table("id", "name", "status", "epoch", "val_accuracy", "attempt", "created")
+    for job in page["items"]:
+        acc = job["metrics"].get("val_accuracy")
+        table.add_row(str(job["id"]), job["name"], job["status"],
+                      f"{job['progress'].get('epoch', 0)}/{job['progress'].get('epochs', '?')}",
+                      f"{acc:.4f}" if isinstance(acc, float) else "", f"{job['attempt']}/{job['max_attempts']}",
+                      job["created_at"][:19])
+    console.print(table)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url

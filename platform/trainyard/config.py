@@ -1,0 +1,60 @@
+"""The one `Settings` object. Built by the entry points (CLI, web, worker), passed in everywhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Platform settings, read from `TRAINYARD_*` environment variables when constructed.
+
+    Every URL left unset falls back to the embedded default under `data_dir`: SQLite for the platform
+    database, Kombu's SQLAlchemy transport on SQLite for the broker, SQLite plus a local artifact folder
+    for MLflow.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TRAINYARD_", extra="ignore")
+
+    data_dir: Path = Path(".trainyard")
+    database_url: str = ""
+    broker_url: str = ""
+    mlflow_tracking_uri: str = ""
+    mlflow_artifact_root: str = ""
+    mlflow_experiment: str = "trainyard"
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    mlflow_host: str = "127.0.0.1"
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    web_workers: int = Field(2, ge=1, le=64)
+    api_url: str = ""
+
+    queue: str = "training"
+    lease_seconds: float = Field(60.0, gt=0)
+    heartbeat_seconds: float = Field(2.0, gt=0)
+    torch_threads: int = Field(0, ge=0, description="0 = torch's default (one per core)")
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        data_dir = self.data_dir.expanduser().resolve()
+        self.data_dir = data_dir
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data_dir / 'trainyard.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{data_dir / 'broker.db'}"
+        if not self.mlflow_tracking_uri:
+            self.mlflow_tracking_uri = f"sqlite:///{data_dir / 'mlflow.db'}"
+        if not self.mlflow_artifact_root and not self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            # A tracking server decides where artifacts go; a local store needs to be told.
+            self.mlflow_artifact_root = (data_dir / "mlartifacts").as_uri()
+        if not self.api_url:
+            self.api_url = f"http://{self.host}:{self.port}"
+        return self
+
+    def ensure_data_dir(self) -> Path:
+        """Create the data directory (the embedded stores live there) and return it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir

@@ -1,0 +1,110 @@
+"""Engine, sessions and schema management for the platform database (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from trainyard.errors import SchemaOutOfDate
+
+# The repository keeps migrations/ beside platform/; an editable install (what `make up` does) finds it here.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets the web process read while a worker writes; busy_timeout turns a brief lock into a wait.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def create_db_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite files get their folder created and WAL mode."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+class Database:
+    """One engine and its session factory; `session_scope()` is the only way services touch the database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_db_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def session_scope(self) -> Iterator[Session]:
+        """A session that commits on success, rolls back on error and always closes."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation would choke on a '%' in a password.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade_schema(url: str, revision: str = "head") -> None:
+    """Migrate the database at `url` to `revision` (creating a SQLite file if needed)."""
+    create_db_engine(url).dispose()  # creates the SQLite folder
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade_schema(url: str, revision: str) -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the database's current revision, the migrations' single head)."""
+    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if head is None:
+        raise RuntimeError(f"no Alembic revisions found in {MIGRATIONS_DIR}")
+    return current, head
+
+
+def check_schema(db: Database) -> None:
+    """Refuse to run against a schema that is not at the migrations' head."""
+    current, head = schema_revisions(db.engine)
+    if current != head:
+        where = f"at revision {current}" if current else "not initialised"
+        raise SchemaOutOfDate(
+            f"The platform database ({db.engine.url.render_as_string(hide_password=True)}) is {where}; "
+            f"this version of Trainyard needs revision {head}. Run `trainyard db upgrade`."
+        )

@@ -1,0 +1,319 @@
+"""Jobs service: submit, claim, heartbeat, progress, finish, fail, cancel — each a guarded state transition.
+
+Every transition is a conditional UPDATE on (status, attempt) plus a `job_event` row in the same
+transaction, so two processes racing for one job can never both win, and the history is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from trainyard.datasets import get_dataset
+from trainyard.db import Database
+from trainyard.errors import Conflict, InvalidSpec, NotFound, ServiceUnavailable
+from trainyard.ml.architectures import ARCHITECTURES
+from trainyard.models import Job, JobEvent, JobStatus, utcnow
+from trainyard.specs import JobSpec
+
+# (job id, queue, priority 0–9) → message on the broker. Called only after the job's row is committed.
+Dispatch = Callable[[int, str, int], None]
+
+
+@dataclass(frozen=True)
+class JobEventView:
+    at: datetime
+    from_status: str | None
+    to_status: str
+    attempt: int
+    message: str
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: int
+    kind: str
+    name: str
+    status: str
+    dataset: str
+    architecture: str
+    spec: dict[str, Any]
+    queue: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    cancel_requested: bool
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    events: list[JobEventView] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JobPage:
+    items: list[JobView]
+    next_before: int | None  # pass as `before` for the next (older) page; None on the last page
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    held: bool
+    cancel_requested: bool
+
+
+def _view(row: Job, events: Sequence[JobEvent] = ()) -> JobView:
+    return JobView(
+        id=row.id,
+        kind=row.kind,
+        name=row.name,
+        status=row.status,
+        dataset=row.dataset,
+        architecture=row.architecture,
+        spec=dict(row.spec),
+        queue=row.queue,
+        priority=row.priority,
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+        cancel_requested=row.cancel_requested,
+        progress=dict(row.progress or {}),
+        metrics=dict(row.metrics or {}),
+        mlflow_run_id=row.mlflow_run_id,
+        error=row.error,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        events=[JobEventView(e.at, e.from_status, e.to_status, e.attempt, e.message) for e in events],
+    )
+
+
+def _transition(
+    s: Session,
+    job_id: int,
+    *,
+    from_status: JobStatus,
+    to_status: JobStatus,
+    attempt: int,
+    message: str,
+    event_attempt: int | None = None,
+    values: dict[str, Any] | None = None,
+) -> bool:
+    """Move the job from (from_status, attempt) to to_status and log the event; False if it had moved on."""
+    now = utcnow()
+    result = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == from_status, Job.attempt == attempt)
+        .values(status=to_status, updated_at=now, **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    s.add(
+        JobEvent(
+            job_id=job_id,
+            at=now,
+            from_status=from_status,
+            to_status=to_status,
+            attempt=attempt if event_attempt is None else event_attempt,
+            message=message,
+        )
+    )
+    return True
+
+
+def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch) -> JobView:
+    """Store a QUEUED job and its first event in one transaction, then send its id to the broker."""
+    try:
+        dataset = get_dataset(db, spec.dataset)
+    except NotFound as exc:
+        raise InvalidSpec(exc.detail, errors=[{"field": "dataset", "message": exc.detail}]) from None
+    arch = ARCHITECTURES.get(spec.architecture)
+    if arch.meta["task"] != dataset.task:
+        fitting = [a.name for a in ARCHITECTURES if a.meta["task"] == dataset.task]
+        detail = (
+            f"Architecture {arch.name!r} is for {arch.meta['task']}, but dataset {dataset.name!r} is a "
+            f"{dataset.task} dataset; architectures that fit it: {', '.join(fitting) or 'none yet'}."
+        )
+        raise InvalidSpec(detail, errors=[{"field": "architecture", "message": detail}])
+
+    with db.session_scope() as s:
+        job = Job(
+            kind=spec.kind,
+            name=spec.name or f"{spec.architecture}-{spec.dataset}",
+            status=JobStatus.QUEUED,
+            dataset=spec.dataset,
+            architecture=spec.architecture,
+            spec=spec.model_dump(mode="json"),
+            queue=spec.resources.queue,
+            priority=spec.priority,
+            attempt=0,
+            max_attempts=spec.max_attempts,
+            cancel_requested=False,
+            progress={"epoch": 0, "epochs": spec.params.epochs},
+            metrics={},
+        )
+        s.add(job)
+        s.flush()
+        s.add(JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.QUEUED, attempt=0, message="submitted"))
+        job_id = job.id
+
+    try:
+        dispatch(job_id, spec.resources.queue, spec.priority)
+    except Exception as exc:  # the broker is down or refused: say so rather than leave a job that never runs
+        reason = f"could not enqueue: {type(exc).__name__}: {exc}"
+        with db.session_scope() as s:
+            _transition(
+                s, job_id, from_status=JobStatus.QUEUED, to_status=JobStatus.FAILED, attempt=0,
+                message=reason, values={"error": reason, "finished_at": utcnow()},
+            )
+        raise ServiceUnavailable(f"Job {job_id} was recorded but the broker did not accept it ({exc}).") from exc
+    return get_job(db, job_id)
+
+
+def get_job(db: Database, job_id: int) -> JobView:
+    with db.session_scope() as s:
+        row = s.get(Job, job_id)
+        if row is None:
+            raise NotFound(f"No job with id {job_id}.")
+        events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+        return _view(row, events)
+
+
+def list_jobs(
+    db: Database, *, statuses: Sequence[str] = (), limit: int = 50, before: int | None = None
+) -> JobPage:
+    """Newest first; keyset pagination on id so a page costs the same at 100 or 100,000 jobs."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    if statuses:
+        query = query.where(Job.status.in_(list(statuses)))
+    if before is not None:
+        query = query.where(Job.id < before)
+    with db.session_scope() as s:
+        rows = s.scalars(query).all()
+        items = [_view(r) for r in rows[:limit]]
+    return JobPage(items, items[-1].id if len(rows) > limit else None)
+
+
+def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float) -> JobView | None:
+    """QUEUED → RUNNING with attempt + 1 and a lease, atomically; None if the job is not claimable."""
+    with db.session_scope() as s:
+        row = s.get(Job, job_id)
+        if row is None or row.status != JobStatus.QUEUED:
+            return None
+        attempt = row.attempt
+        now = utcnow()
+        won = _transition(
+            s, job_id, from_status=JobStatus.QUEUED, to_status=JobStatus.RUNNING, attempt=attempt,
+            event_attempt=attempt + 1, message=f"started on {worker}",
+            values={
+                "attempt": attempt + 1,
+                "lease_owner": worker,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+                "started_at": now,
+                "error": None,
+            },
+        )
+    return get_job(db, job_id) if won else None
+
+
+def renew_lease(
+    db: Database, job_id: int, worker: str, attempt: int, lease_seconds: float,
+    progress: dict[str, Any] | None = None,
+) -> LeaseState:
+    """Extend the lease (and store the latest progress) if this worker still holds it."""
+    values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_seconds)}
+    if progress is not None:
+        values["progress"] = progress
+    with db.session_scope() as s:
+        cancel = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt,
+                   Job.lease_owner == worker)
+            .values(**values)
+            .returning(Job.cancel_requested)
+        ).scalar_one_or_none()
+    return LeaseState(held=cancel is not None, cancel_requested=bool(cancel))
+
+
+def record_progress(
+    db: Database, job_id: int, attempt: int, *, progress: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None, mlflow_run_id: str | None = None,
+) -> bool:
+    """Store progress, latest metrics or the MLflow run of a running attempt; False if it no longer runs."""
+    values: dict[str, Any] = {"updated_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    if metrics is not None:
+        values["metrics"] = metrics
+    if mlflow_run_id is not None:
+        values["mlflow_run_id"] = mlflow_run_id
+    with db.session_scope() as s:
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt)
+            .values(**values)
+        )
+        return result.rowcount == 1
+
+
+def _end_running(db: Database, job_id: int, attempt: int, to: JobStatus, message: str, **values: Any) -> bool:
+    with db.session_scope() as s:
+        return _transition(
+            s, job_id, from_status=JobStatus.RUNNING, to_status=to, attempt=attempt, message=message,
+            values={"lease_owner": None, "lease_expires_at": None, "finished_at": utcnow(), **values},
+        )
+
+
+def finish_job(db: Database, job_id: int, attempt: int, metrics: dict[str, Any], progress: dict[str, Any]) -> bool:
+    return _end_running(db, job_id, attempt, JobStatus.SUCCEEDED, "finished", metrics=metrics, progress=progress)
+
+
+def fail_job(db: Database, job_id: int, attempt: int, error: str) -> bool:
+    return _end_running(db, job_id, attempt, JobStatus.FAILED, error.splitlines()[0][:500], error=error)
+
+
+def mark_cancelled(db: Database, job_id: int, attempt: int) -> bool:
+    return _end_running(db, job_id, attempt, JobStatus.CANCELLED, "cancelled by request")
+
+
+def request_cancel(db: Database, job_id: int) -> JobView:
+    """Cancel a queued job at once; flag a running one, which stops within a batch of seeing the flag."""
+    for _ in range(3):  # the job may move between our read and our write; re-read and decide again
+        with db.session_scope() as s:
+            row = s.get(Job, job_id)
+            if row is None:
+                raise NotFound(f"No job with id {job_id}.")
+            status = JobStatus(row.status)
+            if status.is_terminal:
+                raise Conflict(f"Job {job_id} is already {status}; there is nothing to cancel.")
+            if status == JobStatus.RUNNING and row.cancel_requested:
+                break
+            if status == JobStatus.QUEUED:
+                done = _transition(
+                    s, job_id, from_status=status, to_status=JobStatus.CANCELLED, attempt=row.attempt,
+                    message="cancelled before it started", values={"finished_at": utcnow()},
+                )
+            else:
+                done = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == row.attempt)
+                    .values(cancel_requested=True, updated_at=utcnow())
+                ).rowcount == 1
+                if done:
+                    s.add(JobEvent(job_id=job_id, from_status=status, to_status=status, attempt=row.attempt,
+                                   message="cancel requested"))
+            if done:
+                break
+    return get_job(db, job_id)

@@ -1,0 +1,1 @@
+"""The torch side of the platform: architectures, optimizers, dataset loaders."""

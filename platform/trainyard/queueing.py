@@ -1,0 +1,67 @@
+"""The Celery side both ends share: broker configuration and the dispatcher that sends job ids.
+
+The platform sends tasks by name (`send_task`), so it never imports the workers' code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from trainyard.config import Settings
+
+RUN_JOB_TASK = "training.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for the client (web, CLI) and the workers alike."""
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "task_default_queue": settings.queue,
+        "task_ignore_result": True,
+        # A job is acknowledged only once its task returns, so a worker lost mid-job leaves the message
+        # to be delivered again; the claim's compare-and-set makes that second delivery harmless.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+    }
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        config["broker_transport_options"] = {
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            # Training outlives Redis's default one-hour redelivery; the lease, not the broker, decides
+            # when a job is lost.
+            "visibility_timeout": 7 * 24 * 3600,
+        }
+    # The embedded SQLite broker polls once a second (kombu's default; its SQLAlchemy transport hands every
+    # transport option to create_engine, so the interval cannot be tuned): up to 1 s of dispatch latency,
+    # which is why real deployments use Redis.
+    return config
+
+
+class CeleryDispatch:
+    """Sends `training.run_job(job_id)` to the job's queue; the callable the jobs service takes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = Celery("trainyard-client")
+        self.app.conf.update(celery_config(settings))
+
+    def __call__(self, job_id: int, queue: str, priority: int) -> None:
+        # Redis orders priority 0 first; in a job spec 9 is the most urgent.
+        self.app.send_task(
+            RUN_JOB_TASK, args=[job_id], queue=queue, priority=9 - priority,
+            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+
+    def ping(self, timeout: float = 2.0) -> None:
+        """Raise if the broker cannot be reached within `timeout` seconds."""
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+
+    def close(self) -> None:
+        self.app.close()

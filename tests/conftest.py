@@ -1,0 +1,191 @@
+"""Fixtures that stand up real parts: SQLite and PostgreSQL databases, Redis and SQLite brokers,
+MLflow stores under a temporary folder, and Celery worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from trainyard.config import Settings
+from trainyard.db import Database, upgrade_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_ADMIN_URL = os.environ.get("TRAINYARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TRAINYARD_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+# ---- databases --------------------------------------------------------------------------------------
+
+
+class PostgresDatabases:
+    """Creates throwaway databases on the test PostgreSQL server and drops them afterwards."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    def create(self) -> str:
+        name = f"trainyard_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        base = self.admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+        return f"{base}/{name}"
+
+    def drop_all(self) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresDatabases]:
+    try:
+        psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({exc}); run `make services`")
+    dbs = PostgresDatabases(POSTGRES_ADMIN_URL)
+    yield dbs
+    dbs.drop_all()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=3).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}); run `make services`")
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_broker_url(redis_server: str) -> Iterator[str]:
+    """A Redis database index to itself for this test, flushed afterwards."""
+    client = redis.Redis.from_url(redis_server)
+    for index in range(1, 16):  # claim a free logical database so parallel runs do not share queues
+        if client.set(f"trainyard-test-lock:{index}", os.getpid(), nx=True, ex=3600):
+            break
+    else:
+        pytest.fail("no free Redis logical database for the test")
+    url = f"{redis_server}/{index}"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    redis.Redis.from_url(url).flushdb()
+    client.delete(f"trainyard-test-lock:{index}")
+
+
+def redis_queue_messages(broker_url: str, queue: str = "training") -> list[bytes]:
+    """Messages waiting in a Redis-backed Celery queue, across kombu's per-priority lists."""
+    client = redis.Redis.from_url(broker_url)
+    keys = [queue] + [f"{queue}:{p}" for p in range(1, 10)]
+    return [m for key in keys for m in client.lrange(key, 0, -1)]
+
+
+def make_settings(tmp_path: Path, **overrides: str) -> Settings:
+    """Embedded defaults under `tmp_path`, with any URL overridden."""
+    return Settings(data_dir=tmp_path / "data", **overrides)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path: Path) -> str:
+    """A migrated platform database on each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'platform.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create()
+    upgrade_schema(url)
+    return url
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    yield database
+    database.dispose()
+
+
+# ---- a running platform -----------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A real `python -m trainyard_workers worker` process with the given settings."""
+
+    def __init__(self, settings: Settings, log_path: Path, queues: str = "") -> None:
+        self.settings = settings
+        self.log_path = log_path
+        env = {
+            **os.environ,
+            "TRAINYARD_DATA_DIR": str(settings.data_dir),
+            "TRAINYARD_DATABASE_URL": settings.database_url,
+            "TRAINYARD_BROKER_URL": settings.broker_url,
+            "TRAINYARD_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+            "TRAINYARD_MLFLOW_ARTIFACT_ROOT": settings.mlflow_artifact_root,
+            "TRAINYARD_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+            "TRAINYARD_TORCH_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("platform", "workers", "web")),
+        }
+        args = [sys.executable, "-m", "trainyard_workers", "worker", "--loglevel=INFO",
+                f"--hostname=test-{uuid.uuid4().hex[:6]}@%h"]
+        if queues:
+            args.append(f"--queues={queues}")
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log():
+                return
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path):
+    workers: list[WorkerProcess] = []
+
+    def start(settings: Settings, queues: str = "") -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log", queues)
+        workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_for_job(client, job_id: int, statuses: set[str], timeout: float = 180) -> dict:
+    """Poll GET /api/v1/jobs/{id} until the job reaches one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+        time.sleep(0.3)

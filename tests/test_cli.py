@@ -1,0 +1,110 @@
+"""The `trainyard` command against a live web server, a real worker and the embedded `trainyard up`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+from werkzeug.serving import make_server
+
+from trainyard.cli import app as cli
+from trainyard.db import upgrade_schema
+from trainyard_web import create_app
+from conftest import ROOT, make_settings
+
+
+@pytest.fixture
+def live(tmp_path):
+    settings = make_settings(tmp_path).model_copy(update={"heartbeat_seconds": 0.5})
+    upgrade_schema(settings.database_url)
+    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {"TRAINYARD_API_URL": f"http://127.0.0.1:{server.server_port}", "TRAINYARD_DATA_DIR": str(tmp_path / "cli")}
+    yield settings, env
+    server.shutdown()
+
+
+def run(args: list[str], env: dict[str, str]):
+    return CliRunner().invoke(cli, args, env=env)
+
+
+def test_submit_status_and_jobs(live, start_worker):
+    settings, env = live
+    start_worker(settings)
+    result = run(["submit", "-d", "digits", "-a", "cnn", "-p", "epochs=2", "-p", "lr=0.002", "--watch"], env)
+    assert result.exit_code == 0, result.output
+    assert "submitted job 1" in result.output and "SUCCEEDED" in result.output
+    status = run(["status", "1"], env)
+    assert status.exit_code == 0 and "SUCCEEDED" in status.output and "val_accuracy" in status.output
+    assert "QUEUED → RUNNING" in status.output
+    listing = run(["jobs"], env)
+    assert listing.exit_code == 0 and "cnn-digits" in listing.output
+
+
+def test_submit_refusals_are_clear(live):
+    _, env = live
+    bad = run(["submit", "-d", "digits", "-a", "cnn", "-p", "epochs=0"], env)
+    assert bad.exit_code == 1 and "params.epochs" in bad.output
+    malformed = run(["submit", "-d", "digits", "-a", "cnn", "-p", "epochs"], env)
+    assert malformed.exit_code == 2 and "key=value" in malformed.output
+    assert "No jobs" not in run(["jobs"], env).output
+    assert run(["status", "77"], env).exit_code == 1
+
+
+def test_unreachable_server_is_explained(tmp_path):
+    result = run(["jobs"], {"TRAINYARD_API_URL": "http://127.0.0.1:1", "TRAINYARD_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 2 and "cannot reach Trainyard" in result.output
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_trainyard_up_runs_a_job_and_stops_cleanly_on_ctrl_c(tmp_path):
+    port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "TRAINYARD_DATA_DIR": str(tmp_path / "data"), "TRAINYARD_PORT": str(port),
+           "TRAINYARD_MLFLOW_PORT": str(mlflow_port), "TRAINYARD_WEB_WORKERS": "1",
+           "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("platform", "workers", "web"))}
+    for key in ("TRAINYARD_DATABASE_URL", "TRAINYARD_BROKER_URL", "TRAINYARD_MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    log = open(tmp_path / "up.log", "w+")
+    up = subprocess.Popen([sys.executable, "-m", "trainyard", "up"], env=env, stdout=log,
+                          stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while "Trainyard is up" not in (tmp_path / "up.log").read_text():
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.5)
+        output = (tmp_path / "up.log").read_text()
+        assert f"http://127.0.0.1:{port}/" in output and f"http://127.0.0.1:{mlflow_port}" in output
+
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30)
+        assert api.get("/health").json()["status"] == "ok"
+        job = api.post("/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                      "params": {"epochs": 2}}).json()
+        deadline = time.monotonic() + 180
+        while (current := api.get(f"/jobs/{job['id']}").json())["status"] not in {"SUCCEEDED", "FAILED"}:
+            assert time.monotonic() < deadline, current
+            time.sleep(0.5)
+        assert current["status"] == "SUCCEEDED", current["error"]
+        assert httpx.get(f"http://127.0.0.1:{mlflow_port}/health", timeout=10).status_code == 200
+        assert (tmp_path / "data" / "trainyard.db").exists() and (tmp_path / "data" / "mlflow.db").exists()
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = up.wait(timeout=60)
+    assert code == 0, (tmp_path / "up.log").read_text()
+    for p in (port, mlflow_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still open after Ctrl-C"

@@ -1,0 +1,128 @@
+"""The jobs service's state machine on SQLite and PostgreSQL, with a real Redis broker."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from trainyard import jobs
+from trainyard.config import Settings
+from trainyard.datasets import ensure_builtin_datasets
+from trainyard.errors import Conflict, InvalidSpec, NotFound
+from trainyard.models import Job, utcnow
+from trainyard.queueing import CeleryDispatch
+from trainyard.specs import JobSpec
+from conftest import redis_queue_messages
+
+SPEC = JobSpec(dataset="digits", architecture="cnn", params={"epochs": 2})
+
+
+@pytest.fixture
+def dispatch(tmp_path, redis_broker_url):
+    d = CeleryDispatch(Settings(data_dir=tmp_path, broker_url=redis_broker_url))
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def platform_db(db):
+    ensure_builtin_datasets(db)
+    return db
+
+
+def queue_length(dispatch: CeleryDispatch) -> int:
+    return len(redis_queue_messages(dispatch.app.conf.broker_url))
+
+
+def test_message_is_sent_only_after_the_row_is_committed(platform_db, dispatch):
+    seen = {}
+
+    def dispatch_and_look(job_id: int, queue: str, priority: int) -> None:
+        # A separate session must already see the job: the message never outruns the commit.
+        with platform_db.session_scope() as s:
+            seen["status"] = s.scalar(select(Job.status).where(Job.id == job_id))
+        dispatch(job_id, queue, priority)
+
+    job = jobs.submit_job(platform_db, SPEC, dispatch_and_look)
+    assert seen["status"] == "QUEUED"
+    assert queue_length(dispatch) == 1
+    assert job.name == "cnn-digits" and job.events[0].message == "submitted"
+
+
+def test_claim_is_compare_and_set(platform_db, dispatch):
+    job = jobs.submit_job(platform_db, SPEC, dispatch)
+    first = jobs.claim_job(platform_db, job.id, "w1", 30)
+    assert first is not None and first.status == "RUNNING" and first.attempt == 1 and first.lease_owner == "w1"
+    assert first.lease_expires_at > utcnow() + timedelta(seconds=20)
+    assert jobs.claim_job(platform_db, job.id, "w2", 30) is None  # a second delivery does nothing
+    assert [(e.from_status, e.to_status, e.attempt) for e in jobs.get_job(platform_db, job.id).events] == [
+        (None, "QUEUED", 0), ("QUEUED", "RUNNING", 1)]
+
+
+def test_concurrent_claims_have_one_winner(platform_db, dispatch):
+    job = jobs.submit_job(platform_db, SPEC, dispatch)
+    barrier = threading.Barrier(8)
+    winners = []
+
+    def claim(name: str) -> None:
+        barrier.wait()
+        if jobs.claim_job(platform_db, job.id, name, 30) is not None:
+            winners.append(name)
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1
+    final = jobs.get_job(platform_db, job.id)
+    assert final.attempt == 1 and final.lease_owner == winners[0]
+    assert sum(e.to_status == "RUNNING" for e in final.events) == 1
+
+
+def test_lease_renewal_progress_and_cancel_flag(platform_db, dispatch):
+    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch).id, "w1", 30)
+    state = jobs.renew_lease(platform_db, job.id, "w1", job.attempt, 30, progress={"epoch": 1, "epochs": 2})
+    assert state.held and not state.cancel_requested
+    assert jobs.get_job(platform_db, job.id).progress == {"epoch": 1, "epochs": 2}
+    assert not jobs.renew_lease(platform_db, job.id, "intruder", job.attempt, 30).held
+    cancelled = jobs.request_cancel(platform_db, job.id)
+    assert cancelled.status == "RUNNING" and cancelled.cancel_requested
+    assert jobs.renew_lease(platform_db, job.id, "w1", job.attempt, 30).cancel_requested
+    assert jobs.request_cancel(platform_db, job.id).cancel_requested  # asking twice is harmless
+    assert jobs.mark_cancelled(platform_db, job.id, job.attempt)
+    final = jobs.get_job(platform_db, job.id)
+    assert final.status == "CANCELLED" and final.lease_owner is None and final.finished_at
+    assert [e.message for e in final.events][-2:] == ["cancel requested", "cancelled by request"]
+
+
+def test_outcomes_are_guarded_by_attempt(platform_db, dispatch):
+    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch).id, "w1", 30)
+    assert not jobs.finish_job(platform_db, job.id, job.attempt + 1, {"val_accuracy": 1.0}, {})  # stale attempt
+    assert jobs.finish_job(platform_db, job.id, job.attempt, {"val_accuracy": 0.97}, {"epoch": 2, "epochs": 2})
+    assert not jobs.fail_job(platform_db, job.id, job.attempt, "late failure")  # already finished
+    final = jobs.get_job(platform_db, job.id)
+    assert final.status == "SUCCEEDED" and final.metrics == {"val_accuracy": 0.97} and final.error is None
+    with pytest.raises(Conflict, match="already SUCCEEDED"):
+        jobs.request_cancel(platform_db, job.id)
+
+
+def test_failure_records_the_error(platform_db, dispatch):
+    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch).id, "w1", 30)
+    assert jobs.fail_job(platform_db, job.id, job.attempt, "RuntimeError: boom\n\ntraceback...")
+    final = jobs.get_job(platform_db, job.id)
+    assert final.status == "FAILED" and final.error.startswith("RuntimeError: boom")
+    assert final.events[-1].message == "RuntimeError: boom"
+
+
+def test_unknown_dataset_and_job(platform_db, dispatch):
+    with pytest.raises(InvalidSpec, match="No dataset named 'mnist'"):
+        jobs.submit_job(platform_db, SPEC.model_copy(update={"dataset": "mnist"}), dispatch)
+    assert queue_length(dispatch) == 0
+    with pytest.raises(NotFound):
+        jobs.get_job(platform_db, 12345)
+    with pytest.raises(NotFound):
+        jobs.request_cancel(platform_db, 12345)

@@ -1,0 +1,82 @@
+"""The repository's own promises: layout, packaging pins, and the compose file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_standard_library_platform_importable_from_repository_root():
+    # platform/ is a source folder, not a package: from the root, `import platform` must be the stdlib's.
+    out = subprocess.run(
+        [sys.executable, "-c", "import platform, sys; print(platform.system()); print(platform.__file__)"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    assert out[0] in {"Linux", "Darwin", "Windows"}
+    assert not out[1].startswith(str(ROOT))
+
+
+def test_source_folders_are_not_packages():
+    for folder in ("platform", "workers", "web"):
+        assert not (ROOT / folder / "__init__.py").exists()
+    for package in ("platform/trainyard", "workers/trainyard_workers", "web/trainyard_web"):
+        assert (ROOT / package / "__init__.py").is_file()
+
+
+def test_torch_pins_and_console_command():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"]
+    assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+    assert project["scripts"] == {"trainyard": "trainyard.cli:main"}
+
+
+def test_compose_file_describes_a_real_deployment():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "mlflow", "web", "worker", "migrate"} <= set(services)
+    env = compose["x-trainyard-env"]
+    assert env["TRAINYARD_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert env["TRAINYARD_BROKER_URL"].startswith("redis://")
+    assert "--appendonly" in services["redis"]["command"] and "--requirepass" in services["redis"]["command"]
+    assert services["web"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_file_validates_with_docker_client_when_available():
+    import shutil
+
+    import pytest
+
+    if shutil.which("docker") is None:
+        pytest.skip("no docker client on this machine")
+    result = subprocess.run(
+        ["docker", "compose", "-f", "docker-compose.yml", "config", "--quiet"], cwd=ROOT,
+        capture_output=True, text=True,
+        env={"POSTGRES_PASSWORD": "x", "REDIS_PASSWORD": "y", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+    )
+    if "is not a docker command" in result.stderr or "unknown" in result.stderr.lower():
+        pytest.skip("docker client has no compose plugin")
+    assert result.returncode == 0, result.stderr
+
+
+def test_nothing_reads_the_environment_or_connects_at_import():
+    # Importing every module with a broken environment must succeed: settings are read when built.
+    code = (
+        "import importlib, pkgutil\n"
+        "import trainyard, trainyard_workers, trainyard_web\n"
+        "for pkg in (trainyard, trainyard_workers, trainyard_web):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        if m.name.endswith('__main__'): continue\n"
+        "        importlib.import_module(m.name)\n"
+        "print('ok')\n"
+    )
+    env = {"TRAINYARD_PORT": "not-a-port", "TRAINYARD_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/x",
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(str(ROOT / p) for p in ("platform", "workers", "web"))}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

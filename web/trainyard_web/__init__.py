@@ -1,0 +1,42 @@
+"""Trainyard's web process: the REST API, the server-rendered UI and (later) the serving endpoints."""
+
+from __future__ import annotations
+
+from apiflask import APIFlask
+
+from trainyard import __version__
+from trainyard.config import Settings
+from trainyard.datasets import ensure_builtin_datasets
+from trainyard.db import Database, check_schema
+from trainyard.queueing import CeleryDispatch
+from trainyard_web.api import api
+from trainyard_web.problems import register_problem_handlers
+from trainyard_web.runtime import EXTENSION_KEY, Platform
+from trainyard_web.ui import ui
+
+
+def create_app(settings: Settings | None = None) -> APIFlask:
+    """Build the web app for `settings` (read from the environment now if not given).
+
+    Refuses to start on a database whose schema is not at the migrations' head.
+    """
+    settings = settings or Settings()
+    db = Database(settings.database_url)
+    check_schema(db)
+    ensure_builtin_datasets(db)
+
+    app = APIFlask(
+        __name__,
+        title="Trainyard API",
+        version=__version__,
+        spec_path="/api/v1/openapi.json",
+        docs_path=None,  # the docs UI loads scripts from a CDN; the machine-readable spec is enough offline
+    )
+    app.config["SYNC_LOCAL_SPEC"] = False
+    app.config["VALIDATION_ERROR_STATUS_CODE"] = 422
+    app.json.sort_keys = False
+    app.extensions[EXTENSION_KEY] = Platform(settings=settings, db=db, dispatch=CeleryDispatch(settings))
+    register_problem_handlers(app)
+    app.register_blueprint(api)
+    app.register_blueprint(ui)
+    return app

@@ -1,0 +1,87 @@
+"""REST API v1. Each view validates input, makes one service call and serialises the result."""
+
+from __future__ import annotations
+
+from apiflask import APIBlueprint
+from flask import url_for
+
+from trainyard import datasets, jobs
+from trainyard.ml.architectures import ARCHITECTURES
+from trainyard.specs import JobSpec
+from trainyard_web.runtime import platform
+from trainyard_web.schemas import (
+    ArchitectureListOut,
+    ArchitectureOut,
+    DatasetListOut,
+    DatasetOut,
+    HealthOut,
+    JobListQuery,
+    JobOut,
+    JobPageOut,
+)
+
+api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Trainyard")
+
+
+@api.post("/jobs")
+@api.input(JobSpec, location="json", arg_name="spec")
+@api.output(JobOut, status_code=201)
+@api.doc(summary="Submit a job", responses=[201, 404, 409, 422, 503])
+def submit_job(spec: JobSpec):
+    p = platform()
+    job = jobs.submit_job(p.db, spec, p.dispatch)
+    return JobOut.model_validate(job), 201, {"Location": url_for("api.get_job", job_id=job.id)}
+
+
+@api.get("/jobs")
+@api.input(JobListQuery, location="query", arg_name="query")
+@api.output(JobPageOut)
+@api.doc(summary="List jobs, newest first")
+def list_jobs(query: JobListQuery):
+    page = jobs.list_jobs(platform().db, statuses=query.statuses, limit=query.limit, before=query.before)
+    return JobPageOut(items=[JobOut.model_validate(j) for j in page.items], next_before=page.next_before)
+
+
+@api.get("/jobs/<int:job_id>")
+@api.output(JobOut)
+@api.doc(summary="A job with its progress, metrics and event history", responses=[200, 404])
+def get_job(job_id: int):
+    return JobOut.model_validate(jobs.get_job(platform().db, job_id))
+
+
+@api.post("/jobs/<int:job_id>/cancel")
+@api.output(JobOut, status_code=202)
+@api.doc(summary="Cancel a job (at once if queued, within a batch if running)", responses=[202, 404, 409])
+def cancel_job(job_id: int):
+    return JobOut.model_validate(jobs.request_cancel(platform().db, job_id)), 202
+
+
+@api.get("/datasets")
+@api.output(DatasetListOut)
+@api.doc(summary="Registered datasets")
+def list_datasets():
+    return DatasetListOut(items=[DatasetOut.model_validate(d) for d in datasets.list_datasets(platform().db)])
+
+
+@api.get("/datasets/<name>")
+@api.output(DatasetOut)
+@api.doc(summary="One registered dataset with its scan report", responses=[200, 404])
+def get_dataset(name: str):
+    return DatasetOut.model_validate(datasets.get_dataset(platform().db, name))
+
+
+@api.get("/architectures")
+@api.output(ArchitectureListOut)
+@api.doc(summary="Registered architectures")
+def list_architectures():
+    return ArchitectureListOut(
+        items=[ArchitectureOut(name=a.name, task=a.meta["task"], description=a.description) for a in ARCHITECTURES]
+    )
+
+
+@api.get("/health")
+@api.output(HealthOut)
+@api.doc(summary="Reachability of the database, the broker and MLflow", responses=[200, 503])
+def health():
+    report = platform().health()
+    return report, 200 if report.status == "ok" else 503

@@ -1,0 +1,72 @@
+"""Every error leaves as `application/problem+json` (RFC 9457) with a message a person can act on."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from apiflask import APIFlask
+from apiflask.exceptions import HTTPError
+from flask import request
+from werkzeug.exceptions import HTTPException
+
+from trainyard.errors import TrainyardError
+
+PROBLEM = "application/problem+json"
+log = logging.getLogger(__name__)
+
+
+def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None):
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    if errors:
+        body["errors"] = errors
+    return body, status, {"Content-Type": PROBLEM}
+
+
+def _validation_errors(detail: Any) -> list[dict[str, Any]]:
+    """APIFlask's {"json": {"params.epochs": ["msg"]}} → [{"field": "params.epochs", "message": "msg"}]."""
+    errors = []
+    if isinstance(detail, dict):
+        for location in detail.values():
+            if isinstance(location, dict):
+                for field, messages in location.items():
+                    for message in messages if isinstance(messages, list) else [messages]:
+                        errors.append({"field": "(body)" if field == "_schema" else field, "message": str(message)})
+    return errors
+
+
+def register_problem_handlers(app: APIFlask) -> None:
+    @app.error_processor
+    def _http_error(error: HTTPError):
+        errors = _validation_errors(error.detail)
+        if errors:
+            detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+            return problem(error.status_code, "Invalid request", detail, errors)
+        if error.status_code == 400 and request.method in ("POST", "PUT", "PATCH"):
+            return problem(400, "Malformed request body",
+                           "The request body is not valid JSON; send a JSON object with "
+                           "Content-Type: application/json.")
+        detail = error.message if isinstance(error.message, str) else str(error.message)
+        return problem(error.status_code, detail, _http_detail(error.status_code, detail))
+
+    @app.errorhandler(TrainyardError)
+    def _domain_error(error: TrainyardError):
+        return problem(error.status, error.title, error.detail, error.errors)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        if isinstance(error, HTTPException):
+            return problem(error.code or 500, error.name, error.description or error.name)
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem(500, "Internal server error",
+                       "The server failed to handle this request; the error is in its log.")
+
+
+def _http_detail(status: int, title: str) -> str:
+    if status == 404:
+        return f"Nothing at {request.path}; see /api/v1/openapi.json for the API's routes."
+    if status == 405:
+        return f"{request.method} is not allowed on {request.path}."
+    if status == 415:
+        return "Send the body as JSON with Content-Type: application/json."
+    return title

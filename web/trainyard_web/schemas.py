@@ -1,0 +1,112 @@
+"""Response and query schemas of the REST API (the request body is the platform's `JobSpec`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trainyard.models import JobStatus
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobEventOut(Out):
+    at: datetime
+    from_status: str | None
+    to_status: str
+    attempt: int
+    message: str
+
+
+class JobOut(Out):
+    id: int
+    kind: str
+    name: str
+    status: str
+    dataset: str
+    architecture: str
+    spec: dict[str, Any]
+    queue: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: dict[str, Any] = Field(description="epoch, epochs, and within an epoch batch, batches")
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    events: list[JobEventOut] = []
+
+
+class JobPageOut(BaseModel):
+    items: list[JobOut]
+    next_before: int | None = Field(description="Pass as `before` to get the next (older) page.")
+
+
+class JobListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: str | None = Field(None, description="Comma-separated statuses, e.g. QUEUED,RUNNING")
+    limit: int = Field(50, ge=1, le=200)
+    before: int | None = Field(None, ge=1, description="Only jobs with a smaller id (keyset pagination).")
+
+    @field_validator("status")
+    @classmethod
+    def _known_statuses(cls, value: str | None) -> str | None:
+        if value:
+            wanted = [s.strip().upper() for s in value.split(",") if s.strip()]
+            unknown = [s for s in wanted if s not in JobStatus.__members__]
+            if unknown:
+                raise ValueError(f"unknown status {', '.join(unknown)}; use {', '.join(JobStatus.__members__)}")
+            return ",".join(wanted)
+        return None
+
+    @property
+    def statuses(self) -> list[str]:
+        return self.status.split(",") if self.status else []
+
+
+class DatasetOut(Out):
+    name: str
+    format: str
+    task: str
+    builtin: bool
+    num_samples: int
+    num_classes: int
+    classes: list[str]
+    splits: dict[str, int]
+    image_shape: list[int]
+    fingerprint: str
+    report: dict[str, Any]
+    created_at: datetime
+
+
+class DatasetListOut(BaseModel):
+    items: list[DatasetOut]
+
+
+class ArchitectureOut(BaseModel):
+    name: str
+    task: str
+    description: str
+
+
+class ArchitectureListOut(BaseModel):
+    items: list[ArchitectureOut]
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    detail: str
+
+
+class HealthOut(BaseModel):
+    status: str = Field(description="ok when every dependency answers, else degraded")
+    checks: dict[str, CheckOut]

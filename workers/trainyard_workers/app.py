@@ -1,0 +1,25 @@
+"""The Celery app factory. Tasks are thin: an id in, one engine call."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from trainyard.config import Settings
+from trainyard.queueing import RUN_JOB_TASK, celery_config
+from trainyard_workers import engine
+
+
+def create_celery_app(settings: Settings) -> Celery:
+    """A Celery app bound to `settings`, with the platform's tasks registered."""
+    app = Celery("trainyard")
+    app.conf.update(celery_config(settings))
+    # One job at a time per process, and a fresh process per job: a CUDA context or a leaked tensor
+    # never outlives the job that made it.
+    app.conf.update(worker_concurrency=1, worker_max_tasks_per_child=1)
+    context = engine.WorkerContext(settings)
+
+    @app.task(name=RUN_JOB_TASK, ignore_result=True)
+    def run_job(job_id: int) -> None:
+        engine.run_job(context, job_id)
+
+    return app

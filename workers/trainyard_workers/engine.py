@@ -1,0 +1,193 @@
+"""The training engine: claim a job, keep its lease, train it, track it in MLflow, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from trainyard import jobs
+from trainyard.config import Settings
+from trainyard.datasets import get_dataset
+from trainyard.db import Database
+from trainyard.jobs import JobView
+from trainyard.ml.architectures import InputShape, build_architecture
+from trainyard.ml.datasets import FORMATS
+from trainyard.ml.optim import build_optimizer
+from trainyard.specs import JobSpec
+from trainyard.tracking import JobRun
+from trainyard_workers.loop import StopRequested, evaluate, train_one_epoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process needs; the database engine is made on first use, after any fork."""
+
+    settings: Settings
+    _db: Database | None = field(default=None, repr=False)
+    _db_pid: int = field(default=-1, repr=False)
+
+    @property
+    def db(self) -> Database:
+        # A connection pool must not cross a fork: each process builds its own.
+        if self._db is None or self._db_pid != os.getpid():
+            self._db = Database(self.settings.database_url)
+            self._db_pid = os.getpid()
+        return self._db
+
+    @property
+    def worker_id(self) -> str:
+        # The pid of the process that trains (a prefork child), not of the worker's parent.
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseKeeper:
+    """Renews the job's lease from a background thread and turns a cancel request into a flag.
+
+    The training loop only reads two in-memory flags per batch; the database is touched once per
+    heartbeat interval, whatever the batch rate.
+    """
+
+    def __init__(self, ctx: WorkerContext, job: JobView) -> None:
+        self._ctx = ctx
+        self._job = job
+        self.progress: dict[str, Any] = dict(job.progress)
+        self.cancel_requested = threading.Event()
+        self.lease_lost = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-job-{job.id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested.is_set() or self.lease_lost.is_set()
+
+    def _run(self) -> None:
+        settings = self._ctx.settings
+        while not self._stopped.wait(settings.heartbeat_seconds):
+            try:
+                state = jobs.renew_lease(
+                    self._ctx.db, self._job.id, self._ctx.worker_id, self._job.attempt,
+                    settings.lease_seconds, progress=dict(self.progress),
+                )
+            except Exception:  # a database blip must not kill training; the next beat retries
+                log.exception("heartbeat for job %s failed", self._job.id)
+                continue
+            if not state.held:
+                self.lease_lost.set()
+            if state.cancel_requested:
+                self.cancel_requested.set()
+
+
+def select_device() -> torch.device:
+    """The worker's GPU when it has one (pinned by CUDA_VISIBLE_DEVICES), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_job(ctx: WorkerContext, job_id: int) -> None:
+    """Claim `job_id` and run it to an outcome; a job that is not claimable is left alone."""
+    job = jobs.claim_job(ctx.db, job_id, ctx.worker_id, ctx.settings.lease_seconds)
+    if job is None:
+        log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
+        return
+    log.info("job %s attempt %s started on %s", job.id, job.attempt, ctx.worker_id)
+    run: JobRun | None = None
+    with LeaseKeeper(ctx, job) as lease:
+        try:
+            run = JobRun.start(ctx.settings, job_id=job.id, name=job.name, spec=job.spec,
+                               tags={"trainyard.attempt": str(job.attempt)})
+            jobs.record_progress(ctx.db, job.id, job.attempt, mlflow_run_id=run.run_id)
+            metrics, progress = train(ctx, job, lease, run)
+        except StopRequested:
+            if lease.lease_lost.is_set():
+                log.warning("job %s: lease lost; leaving the job to its new owner", job.id)
+                return
+            jobs.mark_cancelled(ctx.db, job.id, job.attempt)
+            _end_run(run, "KILLED")
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            jobs.fail_job(ctx.db, job.id, job.attempt, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
+            _end_run(run, "FAILED")
+        else:
+            jobs.finish_job(ctx.db, job.id, job.attempt, metrics, progress)
+            _end_run(run, "FINISHED")
+
+
+def _end_run(run: JobRun | None, status: str) -> None:
+    if run is not None:
+        try:
+            run.end(status)
+        except Exception:
+            log.exception("could not close MLflow run %s", run.run_id)
+
+
+def train(ctx: WorkerContext, job: JobView, lease: LeaseKeeper, run: JobRun) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train the job's architecture on its dataset; returns (final metrics, final progress)."""
+    spec = JobSpec.model_validate(job.spec)
+    params = spec.params
+    if ctx.settings.torch_threads:
+        torch.set_num_threads(ctx.settings.torch_threads)
+    device = select_device()
+    torch.manual_seed(params.seed)
+
+    dataset = get_dataset(ctx.db, spec.dataset)
+    splits = FORMATS.get(dataset.format).obj.load(dataset.path)
+    channels, height, width = splits.image_shape
+    model = build_architecture(spec.architecture, InputShape(channels, height, width, len(splits.classes)))
+    model.to(device)
+    optimizer = build_optimizer(
+        params.optimizer, model.parameters(), lr=params.lr, weight_decay=params.weight_decay,
+        momentum=params.momentum,
+    )
+    generator = torch.Generator().manual_seed(params.seed)
+    train_loader = DataLoader(splits.train, batch_size=params.batch_size, shuffle=True, generator=generator)
+    val_loader = DataLoader(splits.val, batch_size=max(params.batch_size, 256))
+    test_loader = DataLoader(splits.test, batch_size=max(params.batch_size, 256))
+
+    metrics: dict[str, Any] = {}
+    progress: dict[str, Any] = {"epoch": 0, "epochs": params.epochs, "batch": 0, "batches": len(train_loader)}
+    for epoch in range(1, params.epochs + 1):
+        def on_batch(batch: int, batches: int, epoch: int = epoch) -> None:
+            lease.progress = {"epoch": epoch - 1, "epochs": params.epochs, "batch": batch, "batches": batches}
+
+        started = time.perf_counter()
+        train_loss = train_one_epoch(
+            model, train_loader, optimizer, device, should_stop=lease.should_stop, on_batch=on_batch
+        )
+        val = evaluate(model, val_loader, device)
+        metrics = {
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        progress = {"epoch": epoch, "epochs": params.epochs, "batch": len(train_loader), "batches": len(train_loader)}
+        lease.progress = progress
+        jobs.record_progress(ctx.db, job.id, job.attempt, progress=progress, metrics=metrics)
+        run.log_metrics(metrics, step=epoch, timestamp_ms=int(time.time() * 1000))
+
+    test = evaluate(model, test_loader, device)
+    metrics = {**metrics, "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+    run.log_metrics({"test_loss": test["loss"], "test_accuracy": test["accuracy"]}, step=params.epochs,
+                    timestamp_ms=int(time.time() * 1000))
+
+    model.eval().cpu()
+    example = splits.test.tensors[0][:2].numpy()  # batch of 2: keeps the exported batch dimension dynamic
+    run.log_pytorch_model(model, example)
+    return metrics, progress
