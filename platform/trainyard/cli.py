@@ -67,6 +67,16 @@ def db_current() -> None:
         raise typer.Exit(1)
 
 
+@db_app.command("revision")
+def db_revision(message: str = typer.Option(..., "-m", "--message", help="Why the schema changes.")) -> None:
+    """(Developers) Write a new migration from the difference between the models and the database."""
+    from alembic import command
+
+    from trainyard.db import alembic_config
+
+    command.revision(alembic_config(Settings().database_url), message=message, autogenerate=True)
+
+
 @app.command()
 def worker(queues: str = typer.Option("", help="Comma-separated queues to consume.")) -> None:
     """Start this host's worker pool: one Celery worker per GPU, or one on the CPU."""

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from trainyard.db import Database
 from trainyard.errors import NotFound
 from trainyard.ml.datasets import BUILTIN_DATASETS, FORMATS
-from trainyard.models import Dataset
+from trainyard.models import Dataset, to_view
 
 
 @dataclass(frozen=True)
@@ -30,24 +30,6 @@ class DatasetView:
     fingerprint: str
     report: dict[str, Any]
     created_at: datetime
-
-
-def _view(row: Dataset) -> DatasetView:
-    return DatasetView(
-        name=row.name,
-        format=row.format,
-        task=row.task,
-        path=row.path,
-        builtin=row.builtin,
-        num_samples=row.num_samples,
-        num_classes=row.num_classes,
-        classes=list(row.classes),
-        splits=dict(row.splits),
-        image_shape=list(row.image_shape),
-        fingerprint=row.fingerprint,
-        report=dict(row.report),
-        created_at=row.created_at,
-    )
 
 
 def ensure_builtin_datasets(db: Database) -> None:
@@ -82,7 +64,7 @@ def ensure_builtin_datasets(db: Database) -> None:
 
 def list_datasets(db: Database) -> list[DatasetView]:
     with db.session_scope() as s:
-        return [_view(row) for row in s.scalars(select(Dataset).order_by(Dataset.name))]
+        return [to_view(DatasetView, row) for row in s.scalars(select(Dataset).order_by(Dataset.name))]
 
 
 def get_dataset(db: Database, name: str) -> DatasetView:
@@ -91,4 +73,4 @@ def get_dataset(db: Database, name: str) -> DatasetView:
         if row is None:
             known = ", ".join(s.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
             raise NotFound(f"No dataset named {name!r} is registered (registered: {known}).")
-        return _view(row)
+        return to_view(DatasetView, row)

@@ -18,7 +18,7 @@ from trainyard.datasets import get_dataset
 from trainyard.db import Database
 from trainyard.errors import Conflict, InvalidSpec, NotFound, ServiceUnavailable
 from trainyard.ml.architectures import ARCHITECTURES
-from trainyard.models import Job, JobEvent, JobStatus, utcnow
+from trainyard.models import Job, JobEvent, JobStatus, to_view, utcnow
 from trainyard.specs import JobSpec
 
 # (job id, queue, priority 0–9) → message on the broker. Called only after the job's row is committed.
@@ -73,30 +73,7 @@ class LeaseState:
 
 
 def _view(row: Job, events: Sequence[JobEvent] = ()) -> JobView:
-    return JobView(
-        id=row.id,
-        kind=row.kind,
-        name=row.name,
-        status=row.status,
-        dataset=row.dataset,
-        architecture=row.architecture,
-        spec=dict(row.spec),
-        queue=row.queue,
-        priority=row.priority,
-        attempt=row.attempt,
-        max_attempts=row.max_attempts,
-        lease_owner=row.lease_owner,
-        lease_expires_at=row.lease_expires_at,
-        cancel_requested=row.cancel_requested,
-        progress=dict(row.progress or {}),
-        metrics=dict(row.metrics or {}),
-        mlflow_run_id=row.mlflow_run_id,
-        error=row.error,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        events=[JobEventView(e.at, e.from_status, e.to_status, e.attempt, e.message) for e in events],
-    )
+    return to_view(JobView, row, events=[to_view(JobEventView, e) for e in events])
 
 
 def _transition(

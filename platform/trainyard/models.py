@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -21,8 +23,21 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
+V = TypeVar("V")
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def to_view(view_cls: type[V], row: Base, **overrides: Any) -> V:
+    """Copy an ORM row into the dataclass `view_cls` (same field names), so no ORM object leaves a service."""
+    values = {
+        f.name: copy.deepcopy(getattr(row, f.name))  # JSON columns are mutable: the view gets its own copy
+        for f in dataclasses.fields(view_cls)  # type: ignore[arg-type]
+        if f.name not in overrides
+    }
+    return view_cls(**values, **overrides)
 
 
 class UTCDateTime(TypeDecorator):

@@ -39,7 +39,8 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     queue: str = Field("training", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
-    gpus: int = Field(0, ge=0, le=8, description="GPUs for the job; 0 runs on whatever the worker has.")
+    # A worker owns one GPU today; multi-GPU (DDP) jobs are refused until the engine can run them.
+    gpus: int = Field(0, ge=0, le=1, description="GPUs for the job (0 or 1); 0 runs on whatever the worker has.")
 
 
 class JobSpec(BaseModel):
