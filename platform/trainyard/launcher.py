@@ -89,7 +89,7 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
                       f"  MLflow   {mlflow_url or settings.mlflow_tracking_uri}\n"
                       f"  broker   {settings.broker_url}\n"
                       f"  workers  one per GPU, or one on the CPU (python -m trainyard_workers pool)\n"
-                      f"Press Ctrl-C to stop.")
+                      f"Press Ctrl-C to stop.", soft_wrap=True)
         exited = group.wait()
         if exited is not None:
             console.print(f"[red]{exited.name} exited with code {exited.process.returncode}; stopping the rest[/]")

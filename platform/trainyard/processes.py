@@ -18,7 +18,7 @@ class Child:
 
 class ProcessGroup:
     """Children run in their own sessions, so a terminal's Ctrl-C reaches only the supervisor,
-    which then stops them in order (SIGTERM, then SIGKILL after `grace` seconds)."""
+    which then stops them in order (SIGTERM, then SIGKILL to the child's group after `grace` seconds)."""
 
     def __init__(self, grace: float = 20.0) -> None:
         self.grace = grace
@@ -62,10 +62,9 @@ class ProcessGroup:
         self._stopping = True
         for child in reversed(self.children):
             if child.process.poll() is None:
-                try:
-                    os.killpg(child.process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                # Only the child's main process: it stops its own helpers in order (Celery's warm
+                # shutdown, gunicorn's workers); the whole group is killed only if it overstays.
+                child.process.terminate()
         deadline = time.monotonic() + self.grace
         for child in reversed(self.children):
             try:

@@ -31,7 +31,10 @@ def _validation_errors(detail: Any) -> list[dict[str, Any]]:
             if isinstance(location, dict):
                 for field, messages in location.items():
                     for message in messages if isinstance(messages, list) else [messages]:
-                        errors.append({"field": "(body)" if field == "_schema" else field, "message": str(message)})
+                        errors.append({
+                            "field": "(body)" if field == "_schema" else field,
+                            "message": str(message).removeprefix("Value error, "),  # pydantic's prefix
+                        })
     return errors
 
 
