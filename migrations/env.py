@@ -1,7 +1,6 @@
 """Alembic environment for the platform database; the URL comes from the caller's Config, never the environment."""
 
 from alembic import context
-from sqlalchemy import pool
 
 from trainyard.db import create_db_engine
 from trainyard.models import Base
@@ -25,7 +24,6 @@ def run_migrations_online() -> None:
     connectable = config.attributes.get("connection")
     if connectable is None:
         engine = create_db_engine(config.get_main_option("sqlalchemy.url"))
-        engine.pool = pool.NullPool(engine.pool._creator)  # a one-shot connection
         with engine.connect() as connection:
             _run(connection)
         engine.dispose()

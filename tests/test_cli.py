@@ -108,3 +108,22 @@ def test_trainyard_up_runs_a_job_and_stops_cleanly_on_ctrl_c(tmp_path):
     for p in (port, mlflow_port):
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still open after Ctrl-C"
+
+
+def test_datasets_register_list_and_show(live):
+    from PIL import Image
+
+    settings, env = live
+    folder = settings.dataset_roots[0] / "two colours"
+    for label, colour in (("rot", (200, 0, 0)), ("grün", (0, 200, 0))):
+        (folder / label).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (12, 12), colour).save(folder / label / f"{i}.png")
+    registered = run(["datasets", "register", "colours", str(folder), "--format", "imagefolder"], env)
+    assert registered.exit_code == 0, registered.output
+    assert "10 samples" in registered.output and "2 classes" in registered.output
+    listing = run(["datasets", "list"], env)
+    assert "colours" in listing.output and "digits" in listing.output and "shapes" in listing.output
+    assert "grün" in run(["datasets", "show", "colours"], env).output
+    refused = run(["datasets", "register", "etc", "/etc", "--format", "imagefolder"], env)
+    assert refused.exit_code == 1 and "outside the allowed folders" in refused.output

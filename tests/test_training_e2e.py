@@ -61,9 +61,13 @@ def test_job_trains_to_success_and_mlflow_holds_the_run(settings, client, start_
     model = next(m for m in models if m.source_run_id == run.info.run_id)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     loaded = mlflow.pytorch.load_model(model.model_uri)
-    test = FORMATS.get("digits").obj.load(None).test
+    # Preprocess exactly as recorded with the model: uint8 → 0..1 → (x - mean) / std.
+    recorded = mlflow.models.get_model_info(model.model_uri).metadata["trainyard"]
+    assert recorded["classes"] == [str(i) for i in range(10)] and recorded["image_shape"] == [1, 8, 8]
+    test = FORMATS.get("digits").obj.load(None, None).test
+    x = (test.tensors[0].float() / 255 - recorded["mean"][0]) / recorded["std"][0]
     with torch.no_grad():
-        predictions = loaded(test.tensors[0]).argmax(dim=1)
+        predictions = loaded(x).argmax(dim=1)
     accuracy = float((predictions == test.tensors[1]).float().mean())
     assert accuracy == pytest.approx(job["metrics"]["test_accuracy"], abs=1e-6)
 

@@ -21,6 +21,8 @@ from trainyard.config import Settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trainyard: train and serve image models.")
 db_app = typer.Typer(no_args_is_help=True, help="Platform database schema.")
 app.add_typer(db_app, name="db")
+datasets_app = typer.Typer(no_args_is_help=True, help="Registered datasets.")
+app.add_typer(datasets_app, name="datasets")
 console = Console()
 err = Console(stderr=True)
 
@@ -50,6 +52,11 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     finally:
         db.dispose()
     console.print(f"database at {_redact(settings.database_url)} is at revision {revision}")
+    if not settings.mlflow_tracking_uri.startswith(("http://", "https://")):
+        from trainyard.tracking import prepare_tracking_store
+
+        prepare_tracking_store(settings)  # a local MLflow store is created here, not raced by the workers
+        console.print(f"MLflow store at {_redact(settings.mlflow_tracking_uri)} is ready")
 
 
 @db_app.command("current")
@@ -129,7 +136,9 @@ def _parse_value(raw: str) -> Any:
 def submit(
     dataset: str = typer.Option(None, "--dataset", "-d", help="Registered dataset name."),
     architecture: str = typer.Option(None, "--architecture", "-a", help="Registered architecture name."),
-    kind: str = typer.Option("train", help="Job kind."),
+    kind: str = typer.Option(None, help="train (default) or evaluate."),
+    source_job: int = typer.Option(None, help="evaluate: the finished training job whose model to score."),
+    split: str = typer.Option(None, help="evaluate: train, val or test (default test)."),
     name: str = typer.Option(None, help="Job name (default: <architecture>-<dataset>)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Hyperparameter as key=value, e.g. -p epochs=5."),
     queue: str = typer.Option(None, help="Queue (resources.queue)."),
@@ -140,9 +149,9 @@ def submit(
 ) -> None:
     """Submit a job (the same fields as POST /api/v1/jobs) and print its id."""
     spec: dict[str, Any] = json.loads(spec_file.read_text()) if spec_file else {}
-    spec["kind"] = kind if kind else spec.get("kind", "train")
+    spec["kind"] = kind or spec.get("kind", "train")
     for key, value in (("dataset", dataset), ("architecture", architecture), ("name", name),
-                       ("priority", priority)):
+                       ("priority", priority), ("source_job", source_job), ("split", split)):
         if value is not None:
             spec[key] = value
     resources = spec.setdefault("resources", {})
@@ -150,13 +159,15 @@ def submit(
         resources["queue"] = queue
     if gpus is not None:
         resources["gpus"] = gpus
-    params = spec.setdefault("params", {})
+    params = spec.get("params", {})
     for item in param:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             err.print(f"[red]--param {item!r}[/]: expected key=value, e.g. -p epochs=5")
             raise typer.Exit(2)
         params[key.strip()] = _parse_value(raw.strip())
+    if params:
+        spec["params"] = params
     job = _request("POST", "/jobs", json=spec)
     console.print(f"submitted job [bold]{job['id']}[/] ({job['name']}): {job['status']}")
     if watch:
@@ -234,6 +245,44 @@ def list_jobs(
                       f"{acc:.4f}" if isinstance(acc, float) else "", f"{job['attempt']}/{job['max_attempts']}",
                       job["created_at"][:19])
     console.print(table)
+
+
+@datasets_app.command("register")
+def datasets_register(
+    name: str = typer.Argument(..., help="Name to register the dataset under."),
+    path: Path = typer.Argument(..., help="The dataset's folder (inside TRAINYARD_DATASET_ROOTS)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="imagefolder, segmentation, mnist, fashion-mnist, cifar10, cifar100."),
+) -> None:
+    """Scan a folder and register it as a dataset (same as POST /api/v1/datasets)."""
+    dataset = _request("POST", "/datasets", json={"name": name, "format": fmt, "path": str(path.expanduser().resolve())})
+    _print_dataset(dataset)
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """Registered datasets."""
+    table = Table("name", "format", "task", "samples", "classes", "image shape", "fingerprint")
+    for d in _request("GET", "/datasets")["items"]:
+        table.add_row(d["name"], d["format"], d["task"], str(d["num_samples"]), str(d["num_classes"]),
+                      "×".join(map(str, d["image_shape"])), d["fingerprint"][:12])
+    console.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(name: str = typer.Argument(...)) -> None:
+    """A dataset's scan report."""
+    _print_dataset(_request("GET", f"/datasets/{urllib.parse.quote(name)}"))
+
+
+def _print_dataset(d: dict[str, Any]) -> None:
+    console.print(f"dataset [bold]{d['name']}[/] ({d['format']}, {d['task']}): {d['num_samples']} samples, "
+                  f"{d['num_classes']} classes, loads at {'×'.join(map(str, d['image_shape']))}, splits {d['splits']}")
+    report = d.get("report") or {}
+    for key in ("class_counts", "image_sizes", "modes"):
+        if report.get(key):
+            console.print(f"  {key}: {report[key]}")
+    for bad in report.get("unreadable", []):
+        console.print(f"  [yellow]unreadable[/] {bad['file']}: {bad['error']}")
 
 
 def _redact(url: str) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -24,6 +26,10 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = ""
     mlflow_artifact_root: str = ""
     mlflow_experiment: str = "trainyard"
+    # Folders datasets and pretrained weights may be registered from (os.pathsep-separated in the
+    # environment); default: <data dir>/datasets. Anything outside them is refused.
+    dataset_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    checkpoint_dir: Path | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -36,6 +42,13 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(60.0, gt=0)
     heartbeat_seconds: float = Field(2.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (one per core)")
+
+    @field_validator("dataset_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value):
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
@@ -50,6 +63,11 @@ class Settings(BaseSettings):
         if not self.mlflow_artifact_root and not self.mlflow_tracking_uri.startswith(("http://", "https://")):
             # A tracking server decides where artifacts go; a local store needs to be told.
             self.mlflow_artifact_root = (data_dir / "mlartifacts").as_uri()
+        if not self.dataset_roots:
+            self.dataset_roots = [data_dir / "datasets"]
+        self.dataset_roots = [root.expanduser().resolve() for root in self.dataset_roots]
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = data_dir / "checkpoints"
         if not self.api_url:
             self.api_url = f"http://{self.host}:{self.port}"
         return self

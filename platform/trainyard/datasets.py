@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import datetime
 from typing import Any
 
@@ -10,8 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from trainyard.db import Database
-from trainyard.errors import NotFound
-from trainyard.ml.datasets import BUILTIN_DATASETS, FORMATS
+from trainyard.errors import Conflict, InvalidSpec, NotFound
+from trainyard.ml.datasets import BUILTIN_DATASETS, FORMATS, DatasetScan
 from trainyard.models import Dataset, to_view
 
 
@@ -36,30 +39,68 @@ def ensure_builtin_datasets(db: Database) -> None:
     """Register the built-in datasets that are not registered yet (idempotent, safe to race)."""
     with db.session_scope() as s:
         present = set(s.scalars(select(Dataset.name)))
-    for name, fmt, path in BUILTIN_DATASETS:
+    for name, fmt in BUILTIN_DATASETS:
         if name in present:
             continue
+        path = None
         scan = FORMATS.get(fmt).obj.scan(path)
         try:
             with db.session_scope() as s:
-                s.add(
-                    Dataset(
-                        name=name,
-                        format=fmt,
-                        task=scan.task,
-                        path=path,
-                        builtin=True,
-                        num_samples=scan.num_samples,
-                        num_classes=len(scan.classes),
-                        classes=scan.classes,
-                        splits=scan.splits,
-                        image_shape=scan.image_shape,
-                        fingerprint=scan.fingerprint,
-                        report=scan.report,
-                    )
-                )
+                s.add(_row(name, fmt, path, scan, builtin=True))
         except IntegrityError:
             pass  # another process registered it first: the name is unique
+
+
+DATASET_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")
+
+
+def resolve_under_roots(raw: str, roots: Sequence[Path], field: str, *, want: str) -> Path:
+    """The real path of `raw` if it lies inside one of `roots` and is a `want` ("file" or "dir")."""
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise InvalidSpec(f"{field} must be an absolute path (got {raw!r}).",
+                          errors=[{"field": field, "message": "not an absolute path"}])
+    real = path.resolve()  # follows symlinks, so a link cannot smuggle in a path outside the roots
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise InvalidSpec(f"{raw} is outside the allowed folders ({allowed}); set TRAINYARD_DATASET_ROOTS "
+                          "to allow another.", errors=[{"field": field, "message": "outside the allowed folders"}])
+    exists = real.is_file() if want == "file" else real.is_dir()
+    if not exists:
+        raise InvalidSpec(f"{raw} is not an existing {'file' if want == 'file' else 'folder'}.",
+                          errors=[{"field": field, "message": f"no such {want}"}])
+    return real
+
+
+def register_dataset(db: Database, roots: Sequence[Path], *, name: str, format: str, path: str) -> DatasetView:
+    """Scan the folder at `path` in `format` and register it as `name`; nothing is stored on any error."""
+    if not DATASET_NAME_PATTERN.match(name):
+        raise InvalidSpec(f"Dataset name {name!r} must be 1–100 lower-case letters, digits, '.', '_' or '-'.",
+                          errors=[{"field": "name", "message": "invalid name"}])
+    fmt = FORMATS.get(format).obj
+    if fmt.builtin:
+        raise InvalidSpec(f"{format!r} is a built-in dataset, not a format for your own folder; choose one of: "
+                          f"{', '.join(f.name for f in FORMATS if not f.obj.builtin)}.",
+                          errors=[{"field": "format", "message": "built-in"}])
+    with db.session_scope() as s:
+        if s.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
+            raise Conflict(f"A dataset named {name!r} is already registered.")
+    folder = resolve_under_roots(path, roots, "path", want="dir")
+    scan = fmt.scan(folder)
+    try:
+        with db.session_scope() as s:
+            s.add(_row(name, format, str(folder), scan, builtin=False))
+    except IntegrityError:
+        raise Conflict(f"A dataset named {name!r} is already registered.") from None
+    return get_dataset(db, name)
+
+
+def _row(name: str, fmt: str, path: str | None, scan: DatasetScan, *, builtin: bool) -> Dataset:
+    return Dataset(
+        name=name, format=fmt, task=scan.task, path=path, builtin=builtin, num_samples=scan.num_samples,
+        num_classes=len(scan.classes), classes=scan.classes, splits=scan.splits,
+        image_shape=scan.image_shape, fingerprint=scan.fingerprint, report=scan.report,
+    )
 
 
 def list_datasets(db: Database) -> list[DatasetView]:

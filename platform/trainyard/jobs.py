@@ -9,17 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from trainyard.datasets import get_dataset
+from trainyard.datasets import DatasetView, get_dataset, resolve_under_roots
 from trainyard.db import Database
 from trainyard.errors import Conflict, InvalidSpec, NotFound, ServiceUnavailable
-from trainyard.ml.architectures import ARCHITECTURES
+from trainyard.ml.architectures import ARCHITECTURES, validate_options
 from trainyard.models import Job, JobEvent, JobStatus, to_view, utcnow
-from trainyard.specs import JobSpec
+from trainyard.specs import JobSpec, TrainParams
 
 # (job id, queue, priority 0–9) → message on the broker. Called only after the job's row is committed.
 Dispatch = Callable[[int, str, int], None]
@@ -53,6 +54,9 @@ class JobView:
     progress: dict[str, Any]
     metrics: dict[str, Any]
     mlflow_run_id: str | None
+    checkpoint_path: str | None
+    checkpoint_sha256: str | None
+    checkpoint_epoch: int | None
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -110,25 +114,79 @@ def _transition(
     return True
 
 
-def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch) -> JobView:
-    """Store a QUEUED job and its first event in one transaction, then send its id to the broker."""
+def _invalid(field: str, detail: str) -> InvalidSpec:
+    return InvalidSpec(detail, errors=[{"field": field, "message": detail}])
+
+
+def _checked_spec(db: Database, spec: JobSpec, roots: Sequence[Path]) -> JobSpec:
+    """Cross-checks a schema cannot make (against datasets, jobs and files); returns the spec to store."""
     try:
         dataset = get_dataset(db, spec.dataset)
     except NotFound as exc:
-        raise InvalidSpec(exc.detail, errors=[{"field": "dataset", "message": exc.detail}]) from None
-    arch = ARCHITECTURES.get(spec.architecture)
-    if arch.meta["task"] != dataset.task:
-        fitting = [a.name for a in ARCHITECTURES if a.meta["task"] == dataset.task]
-        detail = (
-            f"Architecture {arch.name!r} is for {arch.meta['task']}, but dataset {dataset.name!r} is a "
-            f"{dataset.task} dataset; architectures that fit it: {', '.join(fitting) or 'none yet'}."
-        )
-        raise InvalidSpec(detail, errors=[{"field": "architecture", "message": detail}])
+        raise _invalid("dataset", exc.detail) from None
+    updates: dict[str, Any] = {}
+    if spec.kind == "train":
+        if spec.architecture is None:
+            raise _invalid("architecture", "A train job needs an architecture; see GET /api/v1/architectures.")
+        if spec.source_job is not None:
+            raise _invalid("source_job", "source_job is for evaluate jobs.")
+    else:
+        source = _evaluation_source(db, spec, dataset)
+        updates.update(architecture=source.spec["architecture"],
+                       architecture_options=source.spec.get("architecture_options", {}),
+                       params=TrainParams.model_validate(source.spec["params"]))
+        spec = spec.model_copy(update=updates)
+    arch = ARCHITECTURES.get(spec.architecture).obj
+    if arch.task != dataset.task:
+        fitting = [a.name for a in ARCHITECTURES if a.obj.task == dataset.task]
+        raise _invalid("architecture",
+                       f"Architecture {arch.name!r} is for {arch.task}, but dataset {dataset.name!r} is a "
+                       f"{dataset.task} dataset; architectures that fit it: {', '.join(fitting) or 'none yet'}.")
+    options = validate_options(arch.name, spec.architecture_options)
+    multiple = 2 ** options["depth"] if "depth" in options else arch.size_multiple
+    size = [spec.params.image_size] * 2 if spec.params.image_size else dataset.image_shape[1:]
+    if any(side % multiple for side in size):
+        raise _invalid("params.image_size",
+                       f"{arch.name} needs image sides divisible by {multiple}; {dataset.name!r} loads at "
+                       f"{size[0]}×{size[1]}. Set params.image_size to a multiple of {multiple}.")
+    updates = {"architecture_options": options}
+    if spec.weights_path is not None:
+        updates["weights_path"] = str(resolve_under_roots(spec.weights_path, roots, "weights_path", want="file"))
+    return spec.model_copy(update=updates)
 
+
+def _evaluation_source(db: Database, spec: JobSpec, dataset: DatasetView) -> JobView:
+    if spec.source_job is None:
+        raise _invalid("source_job", "An evaluate job needs source_job: the id of a SUCCEEDED training job.")
+    try:
+        source = get_job(db, spec.source_job)
+    except NotFound as exc:
+        raise _invalid("source_job", exc.detail) from None
+    if source.kind != "train" or source.status != JobStatus.SUCCEEDED or not source.checkpoint_path:
+        raise _invalid("source_job", f"Job {source.id} is a {source.status} {source.kind} job; evaluate needs "
+                                     "a SUCCEEDED training job (it has the trained weights).")
+    if spec.architecture not in (None, source.spec["architecture"]):
+        raise _invalid("architecture", f"Job {source.id} trained {source.spec['architecture']!r}; "
+                                       "leave architecture out of an evaluate job.")
+    trained_on = get_dataset(db, source.dataset)
+    if (trained_on.task, trained_on.num_classes) != (dataset.task, dataset.num_classes):
+        raise _invalid("dataset", f"Job {source.id}'s model predicts {trained_on.num_classes} "
+                                  f"{trained_on.task} classes; dataset {dataset.name!r} has "
+                                  f"{dataset.num_classes} {dataset.task} classes.")
+    return source
+
+
+def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, roots: Sequence[Path] = ()) -> JobView:
+    """Store a QUEUED job and its first event in one transaction, then send its id to the broker.
+
+    `roots` are the folders a `weights_path` may point into.
+    """
+    spec = _checked_spec(db, spec, roots)
     with db.session_scope() as s:
         job = Job(
             kind=spec.kind,
-            name=spec.name or f"{spec.architecture}-{spec.dataset}",
+            name=spec.name or (f"{spec.architecture}-{spec.dataset}" if spec.kind == "train"
+                               else f"evaluate-job{spec.source_job}-{spec.dataset}"),
             status=JobStatus.QUEUED,
             dataset=spec.dataset,
             architecture=spec.architecture,
@@ -138,7 +196,7 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch) -> JobView:
             attempt=0,
             max_attempts=spec.max_attempts,
             cancel_requested=False,
-            progress={"epoch": 0, "epochs": spec.params.epochs},
+            progress={"epoch": 0, "epochs": spec.params.epochs if spec.kind == "train" else 0},
             metrics={},
         )
         s.add(job)
@@ -227,20 +285,23 @@ def renew_lease(
 def record_progress(
     db: Database, job_id: int, attempt: int, *, progress: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None, mlflow_run_id: str | None = None,
+    checkpoint_path: str | None = None, checkpoint_sha256: str | None = None, checkpoint_epoch: int | None = None,
 ) -> bool:
-    """Store progress, latest metrics or the MLflow run of a running attempt; False if it no longer runs."""
-    values: dict[str, Any] = {"updated_at": utcnow()}
-    if progress is not None:
-        values["progress"] = progress
-    if metrics is not None:
-        values["metrics"] = metrics
-    if mlflow_run_id is not None:
-        values["mlflow_run_id"] = mlflow_run_id
+    """Store progress, metrics, the MLflow run or the latest checkpoint of a running attempt.
+
+    False if the attempt no longer runs (it was cancelled, or another worker took the job over).
+    """
+    given = {
+        "progress": progress, "metrics": metrics, "mlflow_run_id": mlflow_run_id,
+        "checkpoint_path": checkpoint_path, "checkpoint_sha256": checkpoint_sha256,
+        "checkpoint_epoch": checkpoint_epoch,
+    }
+    values = {key: value for key, value in given.items() if value is not None}
     with db.session_scope() as s:
         result = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt)
-            .values(**values)
+            .values(updated_at=utcnow(), **values)
         )
         return result.rowcount == 1
 

@@ -13,6 +13,7 @@ from trainyard.config import Settings
 from trainyard.datasets import ensure_builtin_datasets
 from trainyard.db import Database, upgrade_schema
 from trainyard.processes import ProcessGroup
+from trainyard.tracking import prepare_tracking_store
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -60,6 +61,7 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
         ensure_builtin_datasets(db)
     finally:
         db.dispose()
+    prepare_tracking_store(settings)
 
     env = _child_env(settings)
     group = ProcessGroup()

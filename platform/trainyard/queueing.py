@@ -5,6 +5,7 @@ The platform sends tasks by name (`send_task`), so it never imports the workers'
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -16,6 +17,9 @@ RUN_JOB_TASK = "training.run_job"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for the client (web, CLI) and the workers alike."""
+    if settings.broker_url.startswith("sqla+sqlite:///"):
+        # SQLite makes the file but not its folder; without it kombu retries forever, quietly.
+        Path(settings.broker_url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "task_default_queue": settings.queue,

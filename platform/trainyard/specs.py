@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trainyard.ml.architectures import ARCHITECTURES
-from trainyard.ml.optim import OPTIMIZERS
+from trainyard.ml.optim import OPTIMIZERS, SCHEDULERS
+from trainyard.ml.transforms import AUGMENTATIONS
+from trainyard.registry import Registry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$"
+
+
+def _registered(registry: Registry, value: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {registry.kind} {value!r}; choose one of: {', '.join(registry.names())}")
+    return value
 
 
 class TrainParams(BaseModel):
@@ -19,18 +27,28 @@ class TrainParams(BaseModel):
 
     epochs: int = Field(10, ge=1, le=1000, description="Passes over the training split.")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per optimisation step.")
-    lr: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False, description="Learning rate.")
+    lr: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False, description="(Peak) learning rate.")
     optimizer: str = Field("adam", description="One of the registered optimizers.")
     weight_decay: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
     momentum: float = Field(0.9, ge=0, lt=1, allow_inf_nan=False, description="SGD momentum.")
+    nesterov: bool = Field(True, description="Nesterov momentum for SGD.")
+    scheduler: str = Field("none", description="Learning-rate schedule.")
+    step_size: int = Field(10, ge=1, le=1000, description="Epochs between decays (scheduler step).")
+    gamma: float = Field(0.1, gt=0, le=1, allow_inf_nan=False, description="Decay factor (scheduler step).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
+    grad_clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False, description="Clip the gradient norm.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=1000, description="Stop after this many epochs without a better validation metric.")
+    augmentation: str = Field("none", description="Augmentation preset (applied to images and masks alike).")
+    image_size: int | None = Field(None, ge=8, le=1024, description="Resize to this square size (default: the dataset's).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the device supports it fast, else fp32.")
+    channels_last: bool = Field(True, description="Channels-last memory format for convnets.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for weights and data order.")
 
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, value: str) -> str:
-        if value not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {value!r}; choose one of: {', '.join(OPTIMIZERS.names())}")
-        return value
+    _optimizer = field_validator("optimizer")(lambda cls, v: _registered(OPTIMIZERS, v))
+    _scheduler = field_validator("scheduler")(lambda cls, v: _registered(SCHEDULERS, v))
+    _augmentation = field_validator("augmentation")(lambda cls, v: _registered(AUGMENTATIONS, v))
 
 
 class Resources(BaseModel):
@@ -44,14 +62,21 @@ class Resources(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """What to run. `kind` is `train` for now; `evaluate` arrives with the training engine."""
+    """What to run: `train` an architecture on a dataset, or `evaluate` a trained job's model on a dataset."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["train"] = "train"
+    kind: Literal["train", "evaluate"] = "train"
     name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME_PATTERN)
     dataset: str = Field(..., min_length=1, max_length=100, description="A registered dataset's name.")
-    architecture: str = Field(..., description="A registered architecture's name.")
+    architecture: str | None = Field(
+        None, description="A registered architecture's name (train); evaluate takes the source job's.")
+    architecture_options: dict[str, Any] = Field(
+        default_factory=dict, description="The architecture's own options, e.g. UNet depth and base_width.")
+    weights_path: str | None = Field(
+        None, max_length=4096, description="Pretrained weights from a local file under the dataset roots.")
+    source_job: int | None = Field(None, ge=1, description="evaluate: the finished training job whose model to use.")
+    split: Literal["train", "val", "test"] = Field("test", description="evaluate: the dataset split to score.")
     params: TrainParams = Field(default_factory=TrainParams)
     resources: Resources = Field(default_factory=Resources)
     priority: int = Field(0, ge=0, le=9, description="Higher runs first where the broker supports it.")
@@ -59,9 +84,5 @@ class JobSpec(BaseModel):
 
     @field_validator("architecture")
     @classmethod
-    def _known_architecture(cls, value: str) -> str:
-        if value not in ARCHITECTURES:
-            raise ValueError(
-                f"unknown architecture {value!r}; choose one of: {', '.join(ARCHITECTURES.names())}"
-            )
-        return value
+    def _known_architecture(cls, value: str | None) -> str | None:
+        return None if value is None else _registered(ARCHITECTURES, value)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import tempfile
+import threading
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from trainyard.config import Settings
+
+log = logging.getLogger(__name__)
 
 JOB_ID_TAG = "trainyard.job_id"
 
@@ -32,6 +41,12 @@ def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def prepare_tracking_store(settings: Settings) -> str:
+    """Create or migrate the MLflow store and the platform's experiment, once, before any other process
+    touches it: MLflow's own SQLite migrations race when several processes start on a new store."""
+    return ensure_experiment(tracking_client(settings), settings)
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -68,8 +83,11 @@ class JobRun:
             self.run_id, metrics=[Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()]
         )
 
-    def log_pytorch_model(self, model, input_example) -> str:
-        """Log `model` as a torch.export program (no pickle), batch dimension dynamic; returns the model URI."""
+    def log_pytorch_model(self, model, input_example, metadata: Mapping[str, Any] | None = None) -> str:
+        """Log `model` as a torch.export program (no pickle), batch dimension dynamic; returns the model URI.
+
+        `metadata` (preprocessing, classes) is stored with the model so serving can repeat it exactly.
+        """
         import mlflow.pytorch
         from mlflow.models import infer_signature
 
@@ -79,11 +97,89 @@ class JobRun:
             info = mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pt2", signature=signature,
                 input_example=input_example, pip_requirements=["torch", "torchvision"],
+                metadata=dict(metadata or {}),
             )
         return info.model_uri
 
+    def log_dataset(self, *, name: str, fingerprint: str, source: str, fmt: str, task: str,
+                    context: str = "training") -> None:
+        """Record the dataset (by content fingerprint) as the run's input."""
+        dataset = Dataset(name=name, digest=fingerprint[:36], source_type=fmt, source=json.dumps({"uri": source}),
+                          profile=json.dumps({"task": task, "fingerprint": fingerprint}))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, dict(data), artifact_file)
+
+    def log_png(self, png: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(png)
+            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent or ""))
+
+    def log_image_step(self, png: bytes, key: str, step: int) -> None:
+        """An image MLflow shows as a series over steps (e.g. sample predictions every few epochs)."""
+        from PIL import Image
+
+        self.client.log_image(self.run_id, Image.open(io.BytesIO(png)), key=key, step=step)
+
+    def log_file(self, path: str | Path, artifact_dir: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def start_system_metrics(self):
+        """Sample CPU, memory and GPU use into the run every 10 s; returns the monitor (call .finish())."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10,
+                                       tracking_uri=self.settings.mlflow_tracking_uri)
+        monitor.start()
+        return monitor
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+class MetricBuffer:
+    """Collects step metrics from the training loop and writes them with one `log_batch` per interval,
+    from a background thread, so a slow store never stalls training.
+
+    Values may be device tensors: they are turned into floats only when flushed, not once per batch.
+    """
+
+    def __init__(self, run: JobRun, interval: float = 1.0, max_batch: int = 1000) -> None:
+        self._run = run
+        self._interval = interval
+        self._max_batch = max_batch  # MLflow's log_batch limit
+        self._pending: list[tuple[str, Any, int, int]] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="metric-buffer", daemon=True)
+        self._thread.start()
+
+    def add(self, key: str, value: Any, step: int) -> None:
+        with self._lock:
+            self._pending.append((key, value, step, int(time.time() * 1000)))
+
+    def _loop(self) -> None:
+        while not self._closed.wait(self._interval):
+            try:
+                self.flush()
+            except Exception:  # a store hiccup loses at most one interval's step metrics, never the job
+                log.exception("could not write step metrics to run %s", self._run.run_id)
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for start in range(0, len(pending), self._max_batch):
+            chunk = pending[start:start + self._max_batch]
+            self._run.client.log_batch(
+                self._run.run_id, metrics=[Metric(k, float(v), ts, step) for k, v, step, ts in chunk]
+            )
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=30)
+        self.flush()
 
 
 def _as_tensor(array):

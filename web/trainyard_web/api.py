@@ -12,6 +12,7 @@ from trainyard_web.runtime import platform
 from trainyard_web.schemas import (
     ArchitectureListOut,
     ArchitectureOut,
+    DatasetIn,
     DatasetListOut,
     DatasetOut,
     HealthOut,
@@ -29,7 +30,7 @@ api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Trainyard")
 @api.doc(summary="Submit a job", responses=[201, 404, 409, 422, 503])
 def submit_job(spec: JobSpec):
     p = platform()
-    job = jobs.submit_job(p.db, spec, p.dispatch)
+    job = jobs.submit_job(p.db, spec, p.dispatch, roots=p.settings.dataset_roots)
     return JobOut.model_validate(job), 201, {"Location": url_for("api.get_job", job_id=job.id)}
 
 
@@ -63,6 +64,18 @@ def list_datasets():
     return DatasetListOut(items=[DatasetOut.model_validate(d) for d in datasets.list_datasets(platform().db)])
 
 
+@api.post("/datasets")
+@api.input(DatasetIn, location="json", arg_name="body")
+@api.output(DatasetOut, status_code=201)
+@api.doc(summary="Register a dataset folder (scanned now; the report is in the response)",
+         responses=[201, 409, 422])
+def register_dataset(body: DatasetIn):
+    p = platform()
+    dataset = datasets.register_dataset(p.db, p.settings.dataset_roots, name=body.name, format=body.format,
+                                        path=body.path)
+    return DatasetOut.model_validate(dataset), 201, {"Location": url_for("api.get_dataset", name=dataset.name)}
+
+
 @api.get("/datasets/<name>")
 @api.output(DatasetOut)
 @api.doc(summary="One registered dataset with its scan report", responses=[200, 404])
@@ -75,7 +88,11 @@ def get_dataset(name: str):
 @api.doc(summary="Registered architectures")
 def list_architectures():
     return ArchitectureListOut(
-        items=[ArchitectureOut(name=a.name, task=a.meta["task"], description=a.description) for a in ARCHITECTURES]
+        items=[
+            ArchitectureOut(name=a.name, task=a.obj.task, description=a.description,
+                            options=a.obj.options.model_json_schema() if a.obj.options else {})
+            for a in ARCHITECTURES
+        ]
     )
 
 

@@ -38,6 +38,8 @@ class JobOut(Out):
     progress: dict[str, Any] = Field(description="epoch, epochs, and within an epoch batch, batches")
     metrics: dict[str, Any]
     mlflow_run_id: str | None
+    checkpoint_epoch: int | None
+    checkpoint_sha256: str | None
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -88,6 +90,14 @@ class DatasetOut(Out):
     created_at: datetime
 
 
+class DatasetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=100, description="Lower-case letters, digits, '.', '_', '-'.")
+    format: str = Field(..., min_length=1, max_length=32, description="A registered dataset format.")
+    path: str = Field(..., min_length=1, max_length=4096, description="Absolute path inside a dataset root.")
+
+
 class DatasetListOut(BaseModel):
     items: list[DatasetOut]
 
@@ -96,6 +106,7 @@ class ArchitectureOut(BaseModel):
     name: str
     task: str
     description: str
+    options: dict[str, Any] = Field(description="JSON schema of the architecture's options")
 
 
 class ArchitectureListOut(BaseModel):

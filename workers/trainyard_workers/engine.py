@@ -6,25 +6,20 @@ import logging
 import os
 import socket
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from trainyard import jobs
 from trainyard.config import Settings
-from trainyard.datasets import get_dataset
 from trainyard.db import Database
 from trainyard.jobs import JobView
-from trainyard.ml.architectures import InputShape, build_architecture
-from trainyard.ml.datasets import FORMATS
-from trainyard.ml.optim import build_optimizer
-from trainyard.specs import JobSpec
 from trainyard.tracking import JobRun
-from trainyard_workers.loop import StopRequested, evaluate, train_one_epoch
+from trainyard_workers.evaluation import run_evaluation
+from trainyard_workers.loop import StopRequested
+from trainyard_workers.training import run_training
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +90,8 @@ class LeaseKeeper:
                 self.cancel_requested.set()
 
 
-def select_device() -> torch.device:
-    """The worker's GPU when it has one (pinned by CUDA_VISIBLE_DEVICES), else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+# What each job kind runs once claimed: (ctx, job, lease, run) → (final metrics, final progress).
+JOB_KINDS = {"train": run_training, "evaluate": run_evaluation}
 
 
 def run_job(ctx: WorkerContext, job_id: int) -> None:
@@ -107,13 +101,15 @@ def run_job(ctx: WorkerContext, job_id: int) -> None:
         log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
         return
     log.info("job %s attempt %s started on %s", job.id, job.attempt, ctx.worker_id)
+    if ctx.settings.torch_threads:
+        torch.set_num_threads(ctx.settings.torch_threads)
     run: JobRun | None = None
     with LeaseKeeper(ctx, job) as lease:
         try:
             run = JobRun.start(ctx.settings, job_id=job.id, name=job.name, spec=job.spec,
-                               tags={"trainyard.attempt": str(job.attempt)})
+                               tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind})
             jobs.record_progress(ctx.db, job.id, job.attempt, mlflow_run_id=run.run_id)
-            metrics, progress = train(ctx, job, lease, run)
+            metrics, progress = JOB_KINDS[job.kind](ctx, job, lease, run)
         except StopRequested:
             if lease.lease_lost.is_set():
                 log.warning("job %s: lease lost; leaving the job to its new owner", job.id)
@@ -135,59 +131,3 @@ def _end_run(run: JobRun | None, status: str) -> None:
             run.end(status)
         except Exception:
             log.exception("could not close MLflow run %s", run.run_id)
-
-
-def train(ctx: WorkerContext, job: JobView, lease: LeaseKeeper, run: JobRun) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train the job's architecture on its dataset; returns (final metrics, final progress)."""
-    spec = JobSpec.model_validate(job.spec)
-    params = spec.params
-    if ctx.settings.torch_threads:
-        torch.set_num_threads(ctx.settings.torch_threads)
-    device = select_device()
-    torch.manual_seed(params.seed)
-
-    dataset = get_dataset(ctx.db, spec.dataset)
-    splits = FORMATS.get(dataset.format).obj.load(dataset.path)
-    channels, height, width = splits.image_shape
-    model = build_architecture(spec.architecture, InputShape(channels, height, width, len(splits.classes)))
-    model.to(device)
-    optimizer = build_optimizer(
-        params.optimizer, model.parameters(), lr=params.lr, weight_decay=params.weight_decay,
-        momentum=params.momentum,
-    )
-    generator = torch.Generator().manual_seed(params.seed)
-    train_loader = DataLoader(splits.train, batch_size=params.batch_size, shuffle=True, generator=generator)
-    val_loader = DataLoader(splits.val, batch_size=max(params.batch_size, 256))
-    test_loader = DataLoader(splits.test, batch_size=max(params.batch_size, 256))
-
-    metrics: dict[str, Any] = {}
-    progress: dict[str, Any] = {"epoch": 0, "epochs": params.epochs, "batch": 0, "batches": len(train_loader)}
-    for epoch in range(1, params.epochs + 1):
-        def on_batch(batch: int, batches: int, epoch: int = epoch) -> None:
-            lease.progress = {"epoch": epoch - 1, "epochs": params.epochs, "batch": batch, "batches": batches}
-
-        started = time.perf_counter()
-        train_loss = train_one_epoch(
-            model, train_loader, optimizer, device, should_stop=lease.should_stop, on_batch=on_batch
-        )
-        val = evaluate(model, val_loader, device)
-        metrics = {
-            "train_loss": train_loss,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        progress = {"epoch": epoch, "epochs": params.epochs, "batch": len(train_loader), "batches": len(train_loader)}
-        lease.progress = progress
-        jobs.record_progress(ctx.db, job.id, job.attempt, progress=progress, metrics=metrics)
-        run.log_metrics(metrics, step=epoch, timestamp_ms=int(time.time() * 1000))
-
-    test = evaluate(model, test_loader, device)
-    metrics = {**metrics, "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
-    run.log_metrics({"test_loss": test["loss"], "test_accuracy": test["accuracy"]}, step=params.epochs,
-                    timestamp_ms=int(time.time() * 1000))
-
-    model.eval().cpu()
-    example = splits.test.tensors[0][:2].numpy()  # batch of 2: keeps the exported batch dimension dynamic
-    run.log_pytorch_model(model, example)
-    return metrics, progress

@@ -2,60 +2,119 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+
+from trainyard.ml.transforms import AugmentationPreset, augment, standardize, to_unit_float
 
 
 class StopRequested(Exception):
     """Raised between batches when the caller's `should_stop` says so (cancel, or the lease was lost)."""
 
 
+@dataclass
+class BatchPipeline:
+    """uint8 batches on the host → normalised (and, in training, augmented) tensors on the device."""
+
+    device: torch.device
+    mean: torch.Tensor
+    std: torch.Tensor
+    augmentation: AugmentationPreset
+    channels_last: bool
+    generator: torch.Generator | None = None
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # uint8 crosses to the GPU (a quarter of float32's bytes); the float work happens there.
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        x = to_unit_float(images)
+        if train and not self.augmentation.is_identity:
+            masks = targets if targets.dim() == 3 else None
+            x, masks = augment(self.augmentation, x, masks, self.generator)
+            if masks is not None:
+                targets = masks
+        x = standardize(x, self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, targets
+
+
+def autocast_for(device: torch.device, bf16: bool):
+    """bf16 autocast when asked for (weights stay fp32); a no-op context otherwise."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
-    device: torch.device,
+    pipeline: BatchPipeline,
+    loss_fn: nn.Module,
     *,
+    bf16: bool = False,
+    grad_clip_norm: float | None = None,
+    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    on_batch: Callable[[int, int], None] = lambda batch, batches: None,
+    on_batch: Callable[[int, torch.Tensor], None] = lambda batch, loss: None,
 ) -> float:
-    """One pass over `loader`; returns the sample-weighted mean training loss."""
+    """One pass over `batches`; returns the sample-weighted mean training loss.
+
+    `on_batch(i, loss)` gets the detached loss tensor: turning it into a number (a device sync) is the
+    caller's choice, made off the hot path.
+    """
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
-    total = torch.zeros((), device=device)  # accumulate on the device: no sync per batch
+    total = torch.zeros((), device=pipeline.device)  # accumulate on the device: no sync per batch
     seen = 0
-    batches = len(loader)
-    for i, (images, targets) in enumerate(loader, start=1):
+    for i, (images, targets) in enumerate(batches, start=1):
         if should_stop():
             raise StopRequested
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        loss = loss_fn(model(images), targets)
+        x, y = pipeline(images, targets, train=True)
+        with autocast_for(pipeline.device, bf16):
+            loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
-        total += loss.detach() * len(targets)
-        seen += len(targets)
-        on_batch(i, batches)
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        loss = loss.detach()
+        total += loss * len(y)
+        seen += len(y)
+        on_batch(i, loss)
     return float(total) / max(seen, 1)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Mean loss and accuracy of `model` on `loader`."""
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    pipeline: BatchPipeline,
+    loss_fn: nn.Module,
+    metrics,
+    *,
+    bf16: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+):
+    """Feed every batch's logits into `metrics` (reset first) and return `metrics.compute()`."""
     model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        loss += loss_fn(logits, targets)
-        correct += (logits.argmax(dim=1) == targets).sum()
-        seen += len(targets)
-    return {"loss": float(loss) / max(seen, 1), "accuracy": float(correct) / max(seen, 1)}
+    metrics.reset()
+    for images, targets in batches:
+        if should_stop():
+            raise StopRequested
+        x, y = pipeline(images, targets, train=False)
+        with autocast_for(pipeline.device, bf16):
+            logits = model(x)
+        logits = logits.float()
+        # Sum-reduced loss so the mean over the split is exact whatever the batch sizes.
+        metrics.update(logits, y, loss_fn(logits, y) * len(y))
+        if on_batch is not None:
+            on_batch(images, y, logits)
+    return metrics.compute()

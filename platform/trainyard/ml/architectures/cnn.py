@@ -1,26 +1,10 @@
-"""Image architectures, registered by name. A builder takes the dataset's shape and returns a module."""
+"""`cnn`: the classic small two-convolution network."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 from torch import nn
 
-from trainyard.registry import Registry
-
-
-@dataclass(frozen=True)
-class InputShape:
-    channels: int
-    height: int
-    width: int
-    num_classes: int
-
-
-ArchitectureBuilder = Callable[[InputShape], nn.Module]
-
-ARCHITECTURES: Registry[ArchitectureBuilder] = Registry("architecture")
+from trainyard.ml.architectures import InputShape, register_architecture
 
 
 class SmallCNN(nn.Module):
@@ -54,13 +38,6 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@ARCHITECTURES.register(
-    "cnn", description="Small two-convolution network for small images", task="classification"
-)
+@register_architecture("cnn", task="classification", description="Small two-convolution network for small images")
 def build_cnn(shape: InputShape) -> nn.Module:
     return SmallCNN(shape.channels, shape.num_classes)
-
-
-def build_architecture(name: str, shape: InputShape) -> nn.Module:
-    """Build the registered architecture `name` for inputs of `shape`."""
-    return ARCHITECTURES.get(name).obj(shape)

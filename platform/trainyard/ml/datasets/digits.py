@@ -1,62 +1,26 @@
-"""Dataset formats, registered by name: each scans its source into a report and loads tensor splits."""
+"""`digits`: scikit-learn's 8×8 handwritten digits, shipped inside the package (no download)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from trainyard.registry import Registry
-
-
-@dataclass(frozen=True)
-class DatasetScan:
-    """What registration records about a dataset: sizes, classes, balance and a content fingerprint."""
-
-    task: str
-    num_samples: int
-    classes: list[str]
-    splits: dict[str, int]
-    image_shape: list[int]  # channels, height, width
-    fingerprint: str
-    report: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ImageSplits:
-    """Decoded, normalised splits held in memory as tensors, plus what serving must repeat."""
-
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
-    classes: list[str]
-    image_shape: tuple[int, int, int]
-    normalization: dict[str, list[float]]
-
-
-@dataclass(frozen=True)
-class DatasetFormat:
-    scan: Callable[[str | None], DatasetScan]
-    load: Callable[[str | None], ImageSplits]
-    task: str
-
-
-FORMATS: Registry[DatasetFormat] = Registry("dataset format")
+from trainyard.ml.datasets import DatasetFormat, DatasetScan, ImageSplits, register_format, resize_images
 
 # The digits split is part of the dataset's identity, not of a job: every job sees the same test set.
 DIGITS_SPLIT_SEED = 0
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # ships its data inside the package: no download
+    from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = bunch.images.astype(np.float32) / 16.0  # 0..16 ink levels → 0..1
+    # 17 ink levels (0..16) spread over uint8's range, like any other 8-bit grayscale image.
+    images = np.rint(bunch.images * (255 / 16)).astype(np.uint8)
     return images[:, None, :, :], bunch.target.astype(np.int64)
 
 
@@ -71,7 +35,7 @@ def _digits_split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def _scan_digits(_path: str | None) -> DatasetScan:
+def _scan_digits(_path: Path | None) -> DatasetScan:
     images, labels = _digits_arrays()
     splits = _digits_split_indices(labels)
     counts = np.bincount(labels, minlength=10)
@@ -92,31 +56,33 @@ def _scan_digits(_path: str | None) -> DatasetScan:
     )
 
 
-def _load_digits(_path: str | None) -> ImageSplits:
+def _load_digits(_path: Path | None, image_size: tuple[int, int] | None = None) -> ImageSplits:
     images, labels = _digits_arrays()
     splits = _digits_split_indices(labels)
-    mean = float(images[splits["train"]].mean())
-    std = float(images[splits["train"]].std())
-    x = torch.from_numpy((images - mean) / std)
+    x = torch.from_numpy(images)
+    if image_size is not None and tuple(image_size) != (8, 8):
+        x = resize_images(x, image_size)
     y = torch.from_numpy(labels)
+    train = x[torch.from_numpy(splits["train"])].float() / 255
+    mean, std = float(train.mean()), float(train.std())
 
     def part(name: str) -> TensorDataset:
         ix = torch.from_numpy(splits[name])
         return TensorDataset(x[ix], y[ix])
 
     return ImageSplits(
+        task="classification",
         train=part("train"),
         val=part("val"),
         test=part("test"),
         classes=[str(i) for i in range(10)],
-        image_shape=(1, 8, 8),
-        normalization={"mean": [mean], "std": [std], "scale": [1 / 16]},
+        image_shape=(1, *x.shape[2:]),
+        mean=[mean],
+        std=[std],
     )
 
 
-FORMATS.register("digits", description="scikit-learn's 8×8 handwritten digits (built in)")(
-    DatasetFormat(scan=_scan_digits, load=_load_digits, task="classification")
-)
-
-# Datasets every installation has, registered when the database is first used: (name, format, path).
-BUILTIN_DATASETS: list[tuple[str, str, str | None]] = [("digits", "digits", None)]
+register_format(DatasetFormat(
+    name="digits", task="classification", scan=_scan_digits, load=_load_digits, builtin=True,
+    description="scikit-learn's 1,797 8×8 handwritten digits (built in)",
+))
