@@ -21,8 +21,13 @@ SPEC = JobSpec(dataset="digits", architecture="cnn", params={"epochs": 2})
 
 
 @pytest.fixture
-def dispatch(tmp_path, redis_broker_url):
-    d = CeleryDispatch(Settings(data_dir=tmp_path, broker_url=redis_broker_url))
+def settings(tmp_path, redis_broker_url):
+    return Settings(data_dir=tmp_path, broker_url=redis_broker_url)
+
+
+@pytest.fixture
+def dispatch(settings):
+    d = CeleryDispatch(settings)
     yield d
     d.close()
 
@@ -37,7 +42,7 @@ def queue_length(dispatch: CeleryDispatch) -> int:
     return len(redis_queue_messages(dispatch.app.conf.broker_url))
 
 
-def test_message_is_sent_only_after_the_row_is_committed(platform_db, dispatch):
+def test_message_is_sent_only_after_the_row_is_committed(platform_db, dispatch, settings):
     seen = {}
 
     def dispatch_and_look(job_id: int, queue: str, priority: int) -> None:
@@ -46,14 +51,14 @@ def test_message_is_sent_only_after_the_row_is_committed(platform_db, dispatch):
             seen["status"] = s.scalar(select(Job.status).where(Job.id == job_id))
         dispatch(job_id, queue, priority)
 
-    job = jobs.submit_job(platform_db, SPEC, dispatch_and_look)
+    job = jobs.submit_job(platform_db, SPEC, dispatch_and_look, settings=settings)
     assert seen["status"] == "QUEUED"
     assert queue_length(dispatch) == 1
     assert job.name == "cnn-digits" and job.events[0].message == "submitted"
 
 
-def test_claim_is_compare_and_set(platform_db, dispatch):
-    job = jobs.submit_job(platform_db, SPEC, dispatch)
+def test_claim_is_compare_and_set(platform_db, dispatch, settings):
+    job = jobs.submit_job(platform_db, SPEC, dispatch, settings=settings)
     first = jobs.claim_job(platform_db, job.id, "w1", 30)
     assert first is not None and first.status == "RUNNING" and first.attempt == 1 and first.lease_owner == "w1"
     assert first.lease_expires_at > utcnow() + timedelta(seconds=20)
@@ -62,8 +67,8 @@ def test_claim_is_compare_and_set(platform_db, dispatch):
         (None, "QUEUED", 0), ("QUEUED", "RUNNING", 1)]
 
 
-def test_concurrent_claims_have_one_winner(platform_db, dispatch):
-    job = jobs.submit_job(platform_db, SPEC, dispatch)
+def test_concurrent_claims_have_one_winner(platform_db, dispatch, settings):
+    job = jobs.submit_job(platform_db, SPEC, dispatch, settings=settings)
     barrier = threading.Barrier(8)
     winners = []
 
@@ -83,8 +88,8 @@ def test_concurrent_claims_have_one_winner(platform_db, dispatch):
     assert sum(e.to_status == "RUNNING" for e in final.events) == 1
 
 
-def test_lease_renewal_progress_and_cancel_flag(platform_db, dispatch):
-    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch).id, "w1", 30)
+def test_lease_renewal_progress_and_cancel_flag(platform_db, dispatch, settings):
+    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
     state = jobs.renew_lease(platform_db, job.id, "w1", job.attempt, 30, progress={"epoch": 1, "epochs": 2})
     assert state.held and not state.cancel_requested
     assert jobs.get_job(platform_db, job.id).progress == {"epoch": 1, "epochs": 2}
@@ -99,8 +104,8 @@ def test_lease_renewal_progress_and_cancel_flag(platform_db, dispatch):
     assert [e.message for e in final.events][-2:] == ["cancel requested", "cancelled by request"]
 
 
-def test_outcomes_are_guarded_by_attempt(platform_db, dispatch):
-    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch).id, "w1", 30)
+def test_outcomes_are_guarded_by_attempt(platform_db, dispatch, settings):
+    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
     assert not jobs.finish_job(platform_db, job.id, job.attempt + 1, {"val_accuracy": 1.0}, {})  # stale attempt
     assert jobs.finish_job(platform_db, job.id, job.attempt, {"val_accuracy": 0.97}, {"epoch": 2, "epochs": 2})
     assert not jobs.fail_job(platform_db, job.id, job.attempt, "late failure")  # already finished
@@ -110,17 +115,17 @@ def test_outcomes_are_guarded_by_attempt(platform_db, dispatch):
         jobs.request_cancel(platform_db, job.id)
 
 
-def test_failure_records_the_error(platform_db, dispatch):
-    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch).id, "w1", 30)
+def test_failure_records_the_error(platform_db, dispatch, settings):
+    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
     assert jobs.fail_job(platform_db, job.id, job.attempt, "RuntimeError: boom\n\ntraceback...")
     final = jobs.get_job(platform_db, job.id)
     assert final.status == "FAILED" and final.error.startswith("RuntimeError: boom")
     assert final.events[-1].message == "RuntimeError: boom"
 
 
-def test_unknown_dataset_and_job(platform_db, dispatch):
+def test_unknown_dataset_and_job(platform_db, dispatch, settings):
     with pytest.raises(InvalidSpec, match="No dataset named 'mnist'"):
-        jobs.submit_job(platform_db, SPEC.model_copy(update={"dataset": "mnist"}), dispatch)
+        jobs.submit_job(platform_db, SPEC.model_copy(update={"dataset": "mnist"}), dispatch, settings=settings)
     assert queue_length(dispatch) == 0
     with pytest.raises(NotFound):
         jobs.get_job(platform_db, 12345)

@@ -23,6 +23,8 @@ db_app = typer.Typer(no_args_is_help=True, help="Platform database schema.")
 app.add_typer(db_app, name="db")
 datasets_app = typer.Typer(no_args_is_help=True, help="Registered datasets.")
 app.add_typer(datasets_app, name="datasets")
+models_app = typer.Typer(no_args_is_help=True, help="The model registry: versions, aliases, promotion.")
+app.add_typer(models_app, name="models")
 console = Console()
 err = Console(stderr=True)
 
@@ -92,6 +94,17 @@ def worker(queues: str = typer.Option("", help="Comma-separated queues to consum
 
 
 @app.command()
+def serve(
+    port: int = typer.Option(8001, envvar="TRAINYARD_SERVE_PORT", help="Port of the prediction server."),
+    workers: int = typer.Option(2, help="gunicorn processes."),
+) -> None:
+    """Run the prediction endpoint on its own, so inference scales apart from the API."""
+    settings = Settings()
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{settings.host}:{port}",
+                              "--workers", str(workers), "--threads", "4", "trainyard_web:create_serving_app()"])
+
+
+@app.command()
 def up() -> None:
     """Start the web UI and API, one worker and the MLflow UI; Ctrl-C stops them all."""
     from trainyard.launcher import run_embedded
@@ -108,9 +121,10 @@ def _client(settings: Settings) -> httpx.Client:
 
 def _request(method: str, path: str, **kwargs: Any) -> Any:
     settings = Settings()
+    headers = {"X-Trainyard-User": os.environ.get("USER") or os.environ.get("LOGNAME") or "cli"}
     try:
         with _client(settings) as client:
-            response = client.request(method, path, **kwargs)
+            response = client.request(method, path, headers=headers, **kwargs)
     except httpx.HTTPError as exc:
         err.print(f"[red]cannot reach Trainyard at {settings.api_url}[/]: {exc} (is `trainyard up` running? "
                   "TRAINYARD_API_URL points elsewhere)")
@@ -283,6 +297,58 @@ def _print_dataset(d: dict[str, Any]) -> None:
             console.print(f"  {key}: {report[key]}")
     for bad in report.get("unreadable", []):
         console.print(f"  [yellow]unreadable[/] {bad['file']}: {bad['error']}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered models with their aliases and latest version."""
+    table = Table("name", "latest", "aliases", "updated")
+    for m in _request("GET", "/models")["items"]:
+        aliases = ", ".join(f"{a}→v{v}" for a, v in sorted(m["aliases"].items()))
+        table.add_row(m["name"], f"v{m['latest_version']}" if m["latest_version"] else "-", aliases,
+                      m["updated_at"][:19])
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(name: str = typer.Argument(...)) -> None:
+    """A model's versions with their metrics, source job and aliases, and its alias history."""
+    quoted = urllib.parse.quote(name, safe="")
+    model = _request("GET", f"/models/{quoted}")
+    console.print(f"model [bold]{model['name']}[/]  {model['links'].get('mlflow_model', '')}")
+    table = Table("version", "aliases", "primary metric", "job", "created")
+    for v in model["versions"]:
+        metric = f"{v['primary_metric']} {v['primary_value']:.4f}" if v["primary_value"] is not None else ""
+        table.add_row(str(v["version"]), ", ".join(v["aliases"]), metric, str(v["job_id"] or ""), v["created_at"][:19])
+    console.print(table)
+    for e in _request("GET", f"/models/{quoted}/history")["items"][:10]:
+        console.print(f"  {e['at'][:19]}  {e['alias']}: v{e['from_version'] or '-'} → v{e['to_version'] or '-'} "
+                      f"by {e['actor']}{' (forced)' if e['forced'] else ''} {e['reason']}")
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str = typer.Argument(...), version: int = typer.Argument(...),
+    alias: str = typer.Option("production", "--alias", "-a"),
+    force: bool = typer.Option(False, help="Promote even if its primary metric is worse than the holder's."),
+) -> None:
+    """Point an alias (default production) at a version."""
+    event = _request("PUT", f"/models/{urllib.parse.quote(name, safe='')}/aliases/{alias}",
+                     json={"version": version, "force": force})
+    console.print(f"{name}@{alias}: v{event['from_version'] or '-'} → v{event['to_version']}")
+
+
+@models_app.command("rollback")
+def models_rollback(name: str = typer.Argument(...), alias: str = typer.Option("production", "--alias", "-a")) -> None:
+    """Move an alias back to the version it held before its last move."""
+    quoted = urllib.parse.quote(name, safe="")
+    last = next((e for e in _request("GET", f"/models/{quoted}/history")["items"] if e["alias"] == alias), None)
+    if last is None or last["from_version"] is None:
+        err.print(f"[red]{name}@{alias} has no earlier version to roll back to[/]")
+        raise typer.Exit(1)
+    # A rollback is a deliberate move to an older version: the metric guard does not apply.
+    event = _request("PUT", f"/models/{quoted}/aliases/{alias}", json={"version": last["from_version"], "force": True})
+    console.print(f"{name}@{alias}: rolled back v{event['from_version']} → v{event['to_version']}")
 
 
 def _redact(url: str) -> str:

@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from trainyard.datasets import DatasetView, get_dataset, resolve_under_roots
+from trainyard.config import Settings
 from trainyard.db import Database
-from trainyard.errors import Conflict, InvalidSpec, NotFound, ServiceUnavailable
-from trainyard.ml.architectures import ARCHITECTURES, validate_options
+from trainyard.errors import Conflict, NotFound, ServiceUnavailable
 from trainyard.models import Job, JobEvent, JobStatus, to_view, utcnow
-from trainyard.specs import JobSpec, TrainParams
+from trainyard.spec_checks import checked_spec, default_name
+from trainyard.specs import JobSpec
 
 # (job id, queue, priority 0–9) → message on the broker. Called only after the job's row is committed.
 Dispatch = Callable[[int, str, int], None]
@@ -57,6 +57,8 @@ class JobView:
     checkpoint_path: str | None
     checkpoint_sha256: str | None
     checkpoint_epoch: int | None
+    model_name: str | None
+    model_version: int | None
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -114,82 +116,16 @@ def _transition(
     return True
 
 
-def _invalid(field: str, detail: str) -> InvalidSpec:
-    return InvalidSpec(detail, errors=[{"field": field, "message": detail}])
-
-
-def _checked_spec(db: Database, spec: JobSpec, roots: Sequence[Path]) -> JobSpec:
-    """Cross-checks a schema cannot make (against datasets, jobs and files); returns the spec to store."""
-    try:
-        dataset = get_dataset(db, spec.dataset)
-    except NotFound as exc:
-        raise _invalid("dataset", exc.detail) from None
-    updates: dict[str, Any] = {}
-    if spec.kind == "train":
-        if spec.architecture is None:
-            raise _invalid("architecture", "A train job needs an architecture; see GET /api/v1/architectures.")
-        if spec.source_job is not None:
-            raise _invalid("source_job", "source_job is for evaluate jobs.")
-    else:
-        source = _evaluation_source(db, spec, dataset)
-        updates.update(architecture=source.spec["architecture"],
-                       architecture_options=source.spec.get("architecture_options", {}),
-                       params=TrainParams.model_validate(source.spec["params"]))
-        spec = spec.model_copy(update=updates)
-    arch = ARCHITECTURES.get(spec.architecture).obj
-    if arch.task != dataset.task:
-        fitting = [a.name for a in ARCHITECTURES if a.obj.task == dataset.task]
-        raise _invalid("architecture",
-                       f"Architecture {arch.name!r} is for {arch.task}, but dataset {dataset.name!r} is a "
-                       f"{dataset.task} dataset; architectures that fit it: {', '.join(fitting) or 'none yet'}.")
-    options = validate_options(arch.name, spec.architecture_options)
-    multiple = 2 ** options["depth"] if "depth" in options else arch.size_multiple
-    size = [spec.params.image_size] * 2 if spec.params.image_size else dataset.image_shape[1:]
-    if any(side % multiple for side in size):
-        raise _invalid("params.image_size",
-                       f"{arch.name} needs image sides divisible by {multiple}; {dataset.name!r} loads at "
-                       f"{size[0]}×{size[1]}. Set params.image_size to a multiple of {multiple}.")
-    updates = {"architecture_options": options}
-    if spec.weights_path is not None:
-        updates["weights_path"] = str(resolve_under_roots(spec.weights_path, roots, "weights_path", want="file"))
-    return spec.model_copy(update=updates)
-
-
-def _evaluation_source(db: Database, spec: JobSpec, dataset: DatasetView) -> JobView:
-    if spec.source_job is None:
-        raise _invalid("source_job", "An evaluate job needs source_job: the id of a SUCCEEDED training job.")
-    try:
-        source = get_job(db, spec.source_job)
-    except NotFound as exc:
-        raise _invalid("source_job", exc.detail) from None
-    if source.kind != "train" or source.status != JobStatus.SUCCEEDED or not source.checkpoint_path:
-        raise _invalid("source_job", f"Job {source.id} is a {source.status} {source.kind} job; evaluate needs "
-                                     "a SUCCEEDED training job (it has the trained weights).")
-    if spec.architecture not in (None, source.spec["architecture"]):
-        raise _invalid("architecture", f"Job {source.id} trained {source.spec['architecture']!r}; "
-                                       "leave architecture out of an evaluate job.")
-    trained_on = get_dataset(db, source.dataset)
-    if (trained_on.task, trained_on.num_classes) != (dataset.task, dataset.num_classes):
-        raise _invalid("dataset", f"Job {source.id}'s model predicts {trained_on.num_classes} "
-                                  f"{trained_on.task} classes; dataset {dataset.name!r} has "
-                                  f"{dataset.num_classes} {dataset.task} classes.")
-    return source
-
-
-def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, roots: Sequence[Path] = ()) -> JobView:
-    """Store a QUEUED job and its first event in one transaction, then send its id to the broker.
-
-    `roots` are the folders a `weights_path` may point into.
-    """
-    spec = _checked_spec(db, spec, roots)
+def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Settings) -> JobView:
+    """Check the spec, store a QUEUED job and its first event in one transaction, then send its id to the broker."""
+    spec = checked_spec(db, spec, settings)
     with db.session_scope() as s:
         job = Job(
             kind=spec.kind,
-            name=spec.name or (f"{spec.architecture}-{spec.dataset}" if spec.kind == "train"
-                               else f"evaluate-job{spec.source_job}-{spec.dataset}"),
+            name=spec.name or default_name(spec),
             status=JobStatus.QUEUED,
-            dataset=spec.dataset,
-            architecture=spec.architecture,
+            dataset=spec.dataset or f"folder:{Path(spec.path or '').name}",
+            architecture=spec.architecture or "",
             spec=spec.model_dump(mode="json"),
             queue=spec.resources.queue,
             priority=spec.priority,
@@ -286,6 +222,7 @@ def record_progress(
     db: Database, job_id: int, attempt: int, *, progress: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None, mlflow_run_id: str | None = None,
     checkpoint_path: str | None = None, checkpoint_sha256: str | None = None, checkpoint_epoch: int | None = None,
+    model_name: str | None = None, model_version: int | None = None,
 ) -> bool:
     """Store progress, metrics, the MLflow run or the latest checkpoint of a running attempt.
 
@@ -294,7 +231,7 @@ def record_progress(
     given = {
         "progress": progress, "metrics": metrics, "mlflow_run_id": mlflow_run_id,
         "checkpoint_path": checkpoint_path, "checkpoint_sha256": checkpoint_sha256,
-        "checkpoint_epoch": checkpoint_epoch,
+        "checkpoint_epoch": checkpoint_epoch, "model_name": model_name, "model_version": model_version,
     }
     values = {key: value for key, value in given.items() if value is not None}
     with db.session_scope() as s:

@@ -107,6 +107,8 @@ class Job(Base):
     checkpoint_path: Mapped[str | None] = mapped_column(Text)
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
     checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)
+    model_name: Mapped[str | None] = mapped_column(String(100))
+    model_version: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -149,3 +151,21 @@ class Dataset(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ModelAliasEvent(Base):
+    """One move of a registry alias: the audit trail of promotions and rollbacks."""
+
+    __tablename__ = "model_alias_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(100))
+    alias: Mapped[str] = mapped_column(String(63))
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index("ix_model_alias_event_model_name_id", "model_name", "id"),)

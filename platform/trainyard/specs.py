@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -61,14 +62,21 @@ class Resources(BaseModel):
     gpus: int = Field(0, ge=0, le=1, description="GPUs for the job (0 or 1); 0 runs on whatever the worker has.")
 
 
+# `register` is the spec's word for "add a registry version"; pydantic warns only because abc.ABCMeta has a
+# method of that name, which a spec never uses.
+warnings.filterwarnings("ignore", message='Field name "register" in "JobSpec" shadows', category=UserWarning)
+
+
 class JobSpec(BaseModel):
-    """What to run: `train` an architecture on a dataset, or `evaluate` a trained job's model on a dataset."""
+    """What to run: `train` an architecture on a dataset; `evaluate` a trained model on a dataset split;
+    `predict` with a registered model over a folder of images (a CSV of predictions)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["train", "evaluate"] = "train"
+    kind: Literal["train", "evaluate", "predict"] = "train"
     name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME_PATTERN)
-    dataset: str = Field(..., min_length=1, max_length=100, description="A registered dataset's name.")
+    dataset: str | None = Field(None, min_length=1, max_length=100,
+                                description="A registered dataset's name (train, evaluate).")
     architecture: str | None = Field(
         None, description="A registered architecture's name (train); evaluate takes the source job's.")
     architecture_options: dict[str, Any] = Field(
@@ -76,6 +84,15 @@ class JobSpec(BaseModel):
     weights_path: str | None = Field(
         None, max_length=4096, description="Pretrained weights from a local file under the dataset roots.")
     source_job: int | None = Field(None, ge=1, description="evaluate: the finished training job whose model to use.")
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
+        description="train: the registered model to add a version to (default <dataset>-<architecture>); "
+                    "evaluate, predict: the registered model to use.")
+    model_version: int | None = Field(None, ge=1, description="evaluate, predict: the version (or give alias).")
+    alias: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{0,62}$",
+                              description="evaluate, predict: resolved to a version when the job is submitted.")
+    path: str | None = Field(None, max_length=4096, description="predict: a folder of images under the dataset roots.")
+    register: bool = Field(True, description="Register the trained model as a new version in the registry.")
     split: Literal["train", "val", "test"] = Field("test", description="evaluate: the dataset split to score.")
     params: TrainParams = Field(default_factory=TrainParams)
     resources: Resources = Field(default_factory=Resources)

@@ -83,7 +83,8 @@ class JobRun:
             self.run_id, metrics=[Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()]
         )
 
-    def log_pytorch_model(self, model, input_example, metadata: Mapping[str, Any] | None = None) -> str:
+    def log_pytorch_model(self, model, input_example, metadata: Mapping[str, Any] | None = None,
+                          extra_files: list[str] | None = None) -> str:
         """Log `model` as a torch.export program (no pickle), batch dimension dynamic; returns the model URI.
 
         `metadata` (preprocessing, classes) is stored with the model so serving can repeat it exactly.
@@ -97,7 +98,7 @@ class JobRun:
             info = mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pt2", signature=signature,
                 input_example=input_example, pip_requirements=["torch", "torchvision"],
-                metadata=dict(metadata or {}),
+                metadata=dict(metadata or {}), extra_files=extra_files,
             )
         return info.model_uri
 

@@ -10,15 +10,21 @@ from trainyard.datasets import ensure_builtin_datasets
 from trainyard.db import Database, check_schema
 from trainyard.queueing import CeleryDispatch
 from trainyard_web.api import api
+from trainyard_web.models_api import registry_api, serving_api
 from trainyard_web.problems import register_problem_handlers
 from trainyard_web.runtime import EXTENSION_KEY, Platform
+from trainyard_web.serving import ModelServer
 from trainyard_web.ui import ui
 
 
-def create_app(settings: Settings | None = None) -> APIFlask:
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # prediction uploads; anything larger is a 413 problem response
+
+
+def create_app(settings: Settings | None = None, *, serving_only: bool = False) -> APIFlask:
     """Build the web app for `settings` (read from the environment now if not given).
 
-    Refuses to start on a database whose schema is not at the migrations' head.
+    `serving_only` builds the prediction server alone (`trainyard serve`), so inference scales apart from
+    the API. Refuses to start on a database whose schema is not at the migrations' head.
     """
     settings = settings or Settings()
     db = Database(settings.database_url)
@@ -35,8 +41,18 @@ def create_app(settings: Settings | None = None) -> APIFlask:
     app.config["SYNC_LOCAL_SPEC"] = False
     app.config["VALIDATION_ERROR_STATUS_CODE"] = 422
     app.json.sort_keys = False
-    app.extensions[EXTENSION_KEY] = Platform(settings=settings, db=db, dispatch=CeleryDispatch(settings))
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.extensions[EXTENSION_KEY] = Platform(settings=settings, db=db, dispatch=CeleryDispatch(settings),
+                                             models=ModelServer(settings))
     register_problem_handlers(app)
-    app.register_blueprint(api)
-    app.register_blueprint(ui)
+    app.register_blueprint(serving_api)
+    if not serving_only:
+        app.register_blueprint(api)
+        app.register_blueprint(registry_api)
+        app.register_blueprint(ui)
     return app
+
+
+def create_serving_app(settings: Settings | None = None) -> APIFlask:
+    """The prediction endpoint on its own (what `trainyard serve` runs under gunicorn)."""
+    return create_app(settings, serving_only=True)

@@ -30,7 +30,7 @@ api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Trainyard")
 @api.doc(summary="Submit a job", responses=[201, 404, 409, 422, 503])
 def submit_job(spec: JobSpec):
     p = platform()
-    job = jobs.submit_job(p.db, spec, p.dispatch, roots=p.settings.dataset_roots)
+    job = jobs.submit_job(p.db, spec, p.dispatch, settings=p.settings)
     return JobOut.model_validate(job), 201, {"Location": url_for("api.get_job", job_id=job.id)}
 
 

@@ -12,6 +12,7 @@ from trainyard.db import Database
 from trainyard.queueing import CeleryDispatch
 from trainyard.tracking import tracking_client
 from trainyard_web.schemas import CheckOut, HealthOut
+from trainyard_web.serving import ModelServer
 
 EXTENSION_KEY = "trainyard"
 
@@ -21,6 +22,7 @@ class Platform:
     settings: Settings
     db: Database
     dispatch: CeleryDispatch
+    models: ModelServer
 
     def health(self) -> HealthOut:
         checks = {

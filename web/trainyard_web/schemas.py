@@ -40,6 +40,8 @@ class JobOut(Out):
     mlflow_run_id: str | None
     checkpoint_epoch: int | None
     checkpoint_sha256: str | None
+    model_name: str | None = Field(description="Registered model the job added a version to")
+    model_version: int | None
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -121,3 +123,83 @@ class CheckOut(BaseModel):
 class HealthOut(BaseModel):
     status: str = Field(description="ok when every dependency answers, else degraded")
     checks: dict[str, CheckOut]
+
+
+class ModelOut(Out):
+    name: str
+    description: str
+    aliases: dict[str, int] = Field(description="alias → version")
+    latest_version: int | None
+    created_at: datetime
+    updated_at: datetime
+    links: dict[str, str] = {}
+
+
+class ModelVersionOut(Out):
+    name: str
+    version: int
+    run_id: str | None
+    source: str
+    aliases: list[str]
+    created_at: datetime
+    job_id: int | None = Field(description="The training job that produced it")
+    primary_metric: str | None
+    primary_value: float | None
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    links: dict[str, str] = {}
+
+
+class ModelDetailOut(ModelOut):
+    versions: list[ModelVersionOut]
+
+
+class ModelListOut(BaseModel):
+    items: list[ModelOut]
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(..., ge=1)
+    force: bool = Field(False, description="Promote even if the version's primary metric is worse.")
+
+
+class AliasEventOut(Out):
+    model_name: str
+    alias: str
+    from_version: int | None
+    to_version: int | None
+    forced: bool
+    actor: str
+    at: datetime
+    reason: str
+
+
+class AliasEventListOut(BaseModel):
+    items: list[AliasEventOut]
+
+
+class PredictQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{0,62}$", description="Default: production")
+    version: int | None = Field(None, ge=1, description="A version number instead of an alias")
+    top_k: int = Field(5, ge=1, le=1000)
+
+    @field_validator("version")
+    @classmethod
+    def _one_of(cls, value, info):
+        if value is not None and info.data.get("alias"):
+            raise ValueError("give either alias or version, not both")
+        return value
+
+
+class PredictionOut(BaseModel):
+    model: str
+    version: int
+    alias: str | None
+    task: str
+    predictions: list[dict[str, Any]] = Field(
+        description="Per image: top (label, probability) list, or mask_png (base64 PNG of class indices) "
+                    "and class_fractions")

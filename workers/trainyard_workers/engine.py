@@ -19,6 +19,7 @@ from trainyard.jobs import JobView
 from trainyard.tracking import JobRun
 from trainyard_workers.evaluation import run_evaluation
 from trainyard_workers.loop import StopRequested
+from trainyard_workers.prediction import run_prediction
 from trainyard_workers.training import run_training
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class LeaseKeeper:
 
 
 # What each job kind runs once claimed: (ctx, job, lease, run) → (final metrics, final progress).
-JOB_KINDS = {"train": run_training, "evaluate": run_evaluation}
+JOB_KINDS = {"train": run_training, "evaluate": run_evaluation, "predict": run_prediction}
 
 
 def run_job(ctx: WorkerContext, job_id: int) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +22,8 @@ from trainyard.ml.datasets import FORMATS, ImageSplits
 from trainyard.ml.metrics import ClassificationMetrics, SegmentationMetrics, confusion_matrix_png, segmentation_overlay_png
 from trainyard.ml.optim import build_optimizer, build_scheduler
 from trainyard.ml.transforms import AUGMENTATIONS
+from trainyard.ml.servable import METADATA_FILE, WEIGHTS_FILE
+from trainyard.model_registry import register_version
 from trainyard.specs import JobSpec, TrainParams
 from trainyard.tracking import JobRun, MetricBuffer
 from trainyard_workers.checkpoints import rng_state, save_checkpoint
@@ -102,6 +107,7 @@ def model_metadata(spec: JobSpec, data: JobData) -> dict[str, Any]:
         "trainyard": {
             "task": splits.task, "classes": splits.classes, "image_shape": list(splits.image_shape),
             "mean": splits.mean, "std": splits.std, "architecture": spec.architecture,
+            "architecture_options": spec.architecture_options,
             "dataset": data.dataset.name, "dataset_fingerprint": data.dataset.fingerprint,
         }
     }
@@ -172,7 +178,7 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "epoch": epoch, "rng": rng_state(), "spec": job.spec, "metrics": epoch_metrics,
-                "image_shape": list(splits.image_shape),
+                "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
                 "best": {"value": best["value"], "epoch": best["epoch"]},
             }, checkpoint_path)
             progress = {"epoch": epoch, "epochs": params.epochs, "batch": len(train_batches),
@@ -204,7 +210,9 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
         monitor.finish()
     log_evaluation_artifacts(run, test, "test")
     run.log_file(checkpoint_path, "checkpoints")
-    log_model(run, model, spec, data)
+    model_uri = log_model(run, model, spec, data)
+    if spec.register:
+        register_model(ctx, job, spec, run, model_uri, summary, data)
     return summary, progress
 
 
@@ -226,6 +234,10 @@ def log_evaluation_artifacts(run: JobRun, result, split: str) -> None:
 
 
 def log_model(run: JobRun, model: nn.Module, spec: JobSpec, data: JobData) -> str:
+    """Log the model two ways: a torch.export program for MLflow's own tooling, and safetensors weights plus
+    the recipe to rebuild it (what Trainyard serves: loading it runs no code from the file)."""
+    from safetensors.torch import save_file
+
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     images, targets = data.splits.test.tensors[0][:2], data.splits.test.tensors[1][:2]
     cpu_pipeline = copy.copy(data.pipeline)
@@ -233,4 +245,25 @@ def log_model(run: JobRun, model: nn.Module, spec: JobSpec, data: JobData) -> st
     cpu_pipeline.mean, cpu_pipeline.std = data.pipeline.mean.cpu(), data.pipeline.std.cpu()
     cpu_pipeline.channels_last = False
     example, _ = cpu_pipeline(images, targets, train=False)  # batch of 2: the exported batch dim stays dynamic
-    return run.log_pytorch_model(model, example.numpy(), metadata=model_metadata(spec, data))
+    metadata = model_metadata(spec, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / WEIGHTS_FILE
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        recipe = Path(tmp) / METADATA_FILE
+        recipe.write_text(json.dumps(metadata["trainyard"], indent=2))
+        return run.log_pytorch_model(model, example.numpy(), metadata=metadata,
+                                     extra_files=[str(weights), str(recipe)])
+
+
+def register_model(ctx, job: JobView, spec: JobSpec, run: JobRun, model_uri: str, metrics: dict[str, Any],
+                   data: JobData) -> None:
+    """Add the trained model to the registry as a new version and note it on the job."""
+    name = spec.model_name or f"{spec.dataset}-{spec.architecture}"
+    primary = "test_" + PRIMARY_METRIC[data.splits.task]
+    version = register_version(
+        ctx.settings, name=name, model_uri=model_uri, run_id=run.run_id, job_id=job.id, primary_metric=primary,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        tags={"trainyard.architecture": spec.architecture, "trainyard.dataset": data.dataset.name,
+              "trainyard.dataset_fingerprint": data.dataset.fingerprint},
+    )
+    jobs.record_progress(ctx.db, job.id, job.attempt, model_name=name, model_version=version.version)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -63,6 +64,35 @@ def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     return F.resize(images, list(size), antialias=True)
+
+
+class UnreadableImage(ValueError):
+    """An uploaded or stored file that is not a decodable image (the message says why)."""
+
+
+def decode_image_bytes(data: bytes, channels: int, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """Decode one image file exactly as the folder formats do at training time → uint8 (C, H, W).
+
+    The header is read first, so an image over `max_pixels` is refused before any pixel is decoded.
+    """
+    from trainyard.ml.datasets import _files
+
+    try:
+        (height, width), _mode = _files.probe_image(data)
+        if height * width > max_pixels:
+            raise UnreadableImage(f"{width}×{height} pixels is more than the {max_pixels:,} allowed")
+        image, _mode = _files.decode_image(data)
+    except _files.Unreadable as exc:
+        raise UnreadableImage(str(exc)) from None
+    return _files.finish_image(image, channels, size)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under `folder` (by extension, hidden files skipped), in a stable order."""
+    from trainyard.ml.datasets import _files
+
+    return sorted((p for p in _files.walk_files(folder) if _files.is_image_name(p.name)),
+                  key=lambda p: _files.rel(p, folder))
 
 
 def register_format(fmt: DatasetFormat) -> DatasetFormat:

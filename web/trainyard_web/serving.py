@@ -1,0 +1,112 @@
+"""Serving registered models: safe loading, a per-version cache, alias resolution that follows promotions.
+
+A model is rebuilt from its recorded recipe (architecture, options, input shape) and its weights are read
+from safetensors: nothing in the registry is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from trainyard import model_registry
+from trainyard.config import Settings
+from trainyard.errors import InvalidSpec
+from trainyard.ml.datasets import UnreadableImage
+from trainyard.ml.servable import LoadedModel, preprocess
+
+MAX_IMAGES = 64
+ALIAS_TTL_SECONDS = 2.0  # an alias move is seen by the next request at most this long after it happens
+MAX_LOADED_MODELS = 4
+
+
+class ModelServer:
+    """Resolves name@alias to a version (re-checked every few seconds) and keeps recent versions loaded."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self._aliases: dict[tuple[str, str], tuple[int, float]] = {}
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[str, int], threading.Lock] = {}
+
+    def resolve(self, name: str, alias: str | None, version: int | None) -> int:
+        if version is not None:
+            return version
+        alias = alias or "production"
+        cached = self._aliases.get((name, alias))
+        if cached is not None and time.monotonic() - cached[1] < ALIAS_TTL_SECONDS:
+            return cached[0]
+        resolved = model_registry.resolve(self.settings, name, alias=alias).version
+        self._aliases[(name, alias)] = (resolved, time.monotonic())
+        return resolved
+
+    def model(self, name: str, version: int) -> LoadedModel:
+        key = (name, version)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one download per version, however many requests ask for it at once
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            loaded = model_registry.load_version(self.settings, name, version)
+            with self._lock:
+                self._models[key] = loaded
+                while len(self._models) > MAX_LOADED_MODELS:
+                    self._models.popitem(last=False)
+            return loaded
+
+    def predict(self, name: str, files: list[tuple[str, bytes]], *, alias: str | None = None,
+                version: int | None = None, top_k: int = 5) -> dict[str, Any]:
+        if not files:
+            raise InvalidSpec("Send at least one image (multipart files, or JSON {\"images\": [base64, ...]}).")
+        if len(files) > MAX_IMAGES:
+            raise InvalidSpec(f"{len(files)} images in one request; at most {MAX_IMAGES}.")
+        resolved = self.resolve(name, alias, version)
+        model = self.model(name, resolved)
+        try:
+            batch = preprocess(model, files)
+        except UnreadableImage as exc:
+            raise InvalidSpec(f"{exc}.", errors=[{"field": getattr(exc, "file", "images"), "message": str(exc)}]) from None
+        with model.lock, torch.inference_mode():
+            logits = model.module(batch).float()
+        if model.task == "classification":
+            predictions = classification_output(logits, model.classes, top_k)
+        else:
+            predictions = segmentation_output(logits, model.classes)
+        for (filename, _), prediction in zip(files, predictions):
+            prediction["file"] = filename
+        return {"model": name, "version": resolved, "alias": None if version is not None else (alias or "production"),
+                "task": model.task, "predictions": predictions}
+
+
+def classification_output(logits: torch.Tensor, classes: list[str], top_k: int) -> list[dict[str, Any]]:
+    probabilities = logits.softmax(dim=1)
+    values, indices = probabilities.topk(min(top_k, len(classes)), dim=1)
+    return [
+        {"top": [{"label": classes[i], "probability": round(float(p), 6)} for p, i in zip(vs.tolist(), ix.tolist())]}
+        for vs, ix in zip(values, indices)
+    ]
+
+
+def segmentation_output(logits: torch.Tensor, classes: list[str]) -> list[dict[str, Any]]:
+    from PIL import Image
+
+    out = []
+    for mask in logits.argmax(dim=1).to(torch.uint8):
+        counts = torch.bincount(mask.flatten().long(), minlength=len(classes)).tolist()
+        buffer = io.BytesIO()
+        Image.fromarray(mask.numpy(), "L").save(buffer, "PNG")
+        total = max(sum(counts), 1)
+        out.append({"mask_png": base64.b64encode(buffer.getvalue()).decode(),
+                    "class_fractions": {c: round(n / total, 6) for c, n in zip(classes, counts)}})
+    return out
