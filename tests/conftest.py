@@ -4,6 +4,7 @@ MLflow stores under a temporary folder, and Celery worker processes."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -119,7 +120,8 @@ def db(db_url: str) -> Iterator[Database]:
 class WorkerProcess:
     """A real `python -m trainyard_workers worker` process with the given settings."""
 
-    def __init__(self, settings: Settings, log_path: Path, queues: str = "") -> None:
+    def __init__(self, settings: Settings, log_path: Path, queues: str = "", command: str = "worker",
+                 extra: tuple[str, ...] = ()) -> None:
         self.settings = settings
         self.log_path = log_path
         env = {
@@ -130,15 +132,20 @@ class WorkerProcess:
             "TRAINYARD_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
             "TRAINYARD_MLFLOW_ARTIFACT_ROOT": settings.mlflow_artifact_root,
             "TRAINYARD_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+            "TRAINYARD_LEASE_SECONDS": str(settings.lease_seconds),
+            "TRAINYARD_RECONCILE_SECONDS": str(settings.reconcile_seconds),
             "TRAINYARD_TORCH_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("platform", "workers", "web")),
         }
-        args = [sys.executable, "-m", "trainyard_workers", "worker", "--loglevel=INFO",
-                f"--hostname=test-{uuid.uuid4().hex[:6]}@%h"]
+        args = [sys.executable, "-m", "trainyard_workers", command, *extra]
+        if command == "worker":
+            args += ["--loglevel=INFO", f"--hostname=test-{uuid.uuid4().hex[:6]}@%h"]
         if queues:
             args.append(f"--queues={queues}")
         self._log = open(log_path, "w")
-        self.process = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # A session of its own, so a test can kill the worker with its pool children like a lost machine.
+        self.process = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                        start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -152,6 +159,11 @@ class WorkerProcess:
                 raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
             time.sleep(0.2)
         raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children at once, as when a machine is lost."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -263,6 +263,38 @@ def mark_cancelled(db: Database, job_id: int, attempt: int) -> bool:
     return _end_running(db, job_id, attempt, JobStatus.CANCELLED, "cancelled by request")
 
 
+def requeue_lost_jobs(db: Database, dispatch: Dispatch, now: datetime | None = None) -> list[int]:
+    """Jobs RUNNING on an expired lease lost their worker: re-queue them to resume from their last
+    checkpoint, or fail them once max_attempts are used (a cancel requested meanwhile is honoured).
+    Returns the ids re-queued."""
+    now = now or utcnow()
+    with db.session_scope() as s:
+        lost = s.execute(
+            select(Job.id, Job.attempt, Job.max_attempts, Job.lease_owner, Job.cancel_requested, Job.queue,
+                   Job.priority)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+            .order_by(Job.id)
+        ).all()
+    requeued = []
+    for job_id, attempt, max_attempts, owner, cancel, queue, priority in lost:
+        cleared = {"lease_owner": None, "lease_expires_at": None}
+        why = f"lease expired (worker {owner} lost)"
+        with db.session_scope() as s:
+            if cancel:
+                _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.CANCELLED, attempt=attempt,
+                            message=f"{why}; cancelled as requested", values={**cleared, "finished_at": now})
+            elif attempt >= max_attempts:
+                error = f"{why} on attempt {attempt} of {max_attempts}; not retried"
+                _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.FAILED, attempt=attempt,
+                            message=error, values={**cleared, "finished_at": now, "error": error})
+            elif _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.QUEUED, attempt=attempt,
+                             message=f"{why}; re-queued to resume from its last checkpoint", values=cleared):
+                requeued.append((job_id, queue, priority))
+    for job_id, queue, priority in requeued:  # after commit, as for a new job
+        dispatch(job_id, queue, priority)
+    return [job_id for job_id, _, _ in requeued]
+
+
 def request_cancel(db: Database, job_id: int) -> JobView:
     """Cancel a queued job at once; flag a running one, which stops within a batch of seeing the flag."""
     for _ in range(3):  # the job may move between our read and our write; re-read and decide again

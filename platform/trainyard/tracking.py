@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import queue
 import tempfile
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from trainyard.config import Settings
@@ -136,62 +137,58 @@ class JobRun:
         monitor.start()
         return monitor
 
+    def reopen(self) -> None:
+        """Mark a run RUNNING again: a resumed attempt continues the same run."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
 
 class MetricBuffer:
-    """Collects step metrics from the training loop and writes them with one `log_batch` per interval,
-    from a background thread, so a slow store never stalls training.
+    """Collects metrics from the training loop and writes them from a background thread, so a slow store
+    never stalls training; values may be device tensors, turned into floats only when written.
 
-    Values may be device tensors: they are turned into floats only when flushed, not once per batch.
+    Nothing is written until `commit()`, which the engine calls right after an epoch's checkpoint: an epoch
+    cut short by a lost worker is never logged, and its resumed attempt logs every step exactly once.
     """
 
-    def __init__(self, run: JobRun, interval: float = 1.0, max_batch: int = 1000) -> None:
+    def __init__(self, run: JobRun, max_batch: int = 1000) -> None:
         self._run = run
-        self._interval = interval
         self._max_batch = max_batch  # MLflow's log_batch limit
         self._pending: list[tuple[str, Any, int, int]] = []
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="metric-buffer", daemon=True)
+        self._committed: queue.Queue[list[tuple[str, Any, int, int]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._write_forever, name="metric-writer", daemon=True)
         self._thread.start()
 
     def add(self, key: str, value: Any, step: int) -> None:
-        with self._lock:
-            self._pending.append((key, value, step, int(time.time() * 1000)))
+        self._pending.append((key, value, step, int(time.time() * 1000)))
 
-    def _loop(self) -> None:
-        while not self._closed.wait(self._interval):
+    def commit(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            self._committed.put(pending)
+
+    def _write_forever(self) -> None:
+        while (batch := self._committed.get()) is not None:
             try:
-                self.flush()
-            except Exception:  # a store hiccup loses at most one interval's step metrics, never the job
-                log.exception("could not write step metrics to run %s", self._run.run_id)
-
-    def flush(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for start in range(0, len(pending), self._max_batch):
-            chunk = pending[start:start + self._max_batch]
-            self._run.client.log_batch(
-                self._run.run_id, metrics=[Metric(k, float(v), ts, step) for k, v, step, ts in chunk]
-            )
+                for start in range(0, len(batch), self._max_batch):
+                    chunk = batch[start:start + self._max_batch]
+                    self._run.client.log_batch(
+                        self._run.run_id, metrics=[Metric(k, float(v), ts, step) for k, v, step, ts in chunk])
+            except Exception:  # a store hiccup loses these points, never the job
+                log.exception("could not write %d metrics to run %s", len(batch), self._run.run_id)
 
     def close(self) -> None:
-        self._closed.set()
-        self._thread.join(timeout=30)
-        self.flush()
+        """Write what was committed (uncommitted points are dropped) and stop the writer."""
+        self._committed.put(None)
+        self._thread.join(timeout=60)
 
 
 def _as_tensor(array):
     import torch
 
     return torch.from_numpy(array)
-
-
-def run_status_for(job_status: str) -> str:
-    """The MLflow run status matching a job's terminal status."""
-    return {
-        "SUCCEEDED": RunStatus.to_string(RunStatus.FINISHED),
-        "CANCELLED": RunStatus.to_string(RunStatus.KILLED),
-    }.get(job_status, RunStatus.to_string(RunStatus.FAILED))

@@ -47,6 +47,37 @@ def worker(
     ])
 
 
+@cli.command()
+def reconciler(once: bool = typer.Option(False, help="Look once and exit.")) -> None:
+    """Re-queue (or fail) jobs whose worker was lost, every TRAINYARD_RECONCILE_SECONDS.
+
+    A process of its own rather than a Celery beat task: workers run one long job at a time, so a
+    scheduled task could wait hours behind training before it ran.
+    """
+    import logging
+    import time
+
+    from trainyard import jobs
+    from trainyard.queueing import CeleryDispatch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s reconciler: %(message)s")
+    log = logging.getLogger("trainyard.reconciler")
+    settings = Settings()
+    _require_current_schema(settings)
+    db, dispatch = Database(settings.database_url), CeleryDispatch(settings)
+    log.info("watching for lost jobs every %.1f s", settings.reconcile_seconds)
+    while True:
+        try:
+            requeued = jobs.requeue_lost_jobs(db, dispatch)
+            if requeued:
+                log.info("re-queued lost jobs %s", requeued)
+        except Exception:  # the database or broker is briefly away: try again next round
+            log.exception("reconcile round failed")
+        if once:
+            return
+        time.sleep(settings.reconcile_seconds)
+
+
 def gpu_count() -> int:
     """GPUs visible to this host (NVML when available, else torch)."""
     try:

@@ -47,8 +47,19 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict[str, An
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every random stream a resumed run must continue: torch's, CUDA's and the data order's."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if generator is not None:
+        state["data"] = generator.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if generator is not None and "data" in state:
+        generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -107,9 +107,14 @@ def run_job(ctx: WorkerContext, job_id: int) -> None:
     run: JobRun | None = None
     with LeaseKeeper(ctx, job) as lease:
         try:
-            run = JobRun.start(ctx.settings, job_id=job.id, name=job.name, spec=job.spec,
-                               tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind})
-            jobs.record_progress(ctx.db, job.id, job.attempt, mlflow_run_id=run.run_id)
+            if job.mlflow_run_id:  # a resumed attempt continues its job's run: one value per epoch, one run
+                run = JobRun(ctx.settings, job.mlflow_run_id)
+                run.reopen()
+                run.client.set_tag(run.run_id, "trainyard.attempt", str(job.attempt))
+            else:
+                run = JobRun.start(ctx.settings, job_id=job.id, name=job.name, spec=job.spec,
+                                   tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind})
+                jobs.record_progress(ctx.db, job.id, job.attempt, mlflow_run_id=run.run_id)
             metrics, progress = JOB_KINDS[job.kind](ctx, job, lease, run)
         except StopRequested:
             if lease.lease_lost.is_set():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from trainyard.ml.servable import METADATA_FILE, WEIGHTS_FILE
 from trainyard.model_registry import register_version
 from trainyard.specs import JobSpec, TrainParams
 from trainyard.tracking import JobRun, MetricBuffer
-from trainyard_workers.checkpoints import rng_state, save_checkpoint
-from trainyard_workers.loop import BatchPipeline, evaluate, train_one_epoch
+from trainyard_workers.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from trainyard_workers.loop import BatchPipeline, StopRequested, evaluate, train_one_epoch
+
+log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = {"classification": "accuracy", "segmentation": "mean_iou"}
 OVERLAY_EVERY = 5  # epochs between segmentation sample images
@@ -143,12 +146,28 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
 
     step_metrics = MetricBuffer(run)
     monitor = run.start_system_metrics()
-    checkpoint_path = ctx.settings.checkpoint_dir / f"job-{job.id}" / "last.pt"
+    checkpoint_path = ctx.settings.checkpoint_dir / f"job-{job.id}" / f"attempt-{job.attempt}.pt"
     best = {"value": -1.0, "epoch": 0, "state": None}
     summary: dict[str, Any] = {}
     progress: dict[str, Any] = {}
+    start_epoch = 1
+    resumed = resume_state(job)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler"])
+        restore_rng(resumed["rng"], generator)
+        best.update(value=resumed["best"]["value"], epoch=resumed["best"]["epoch"])
+        start_epoch, summary = resumed["epoch"] + 1, dict(resumed["summary"])
+        progress = {"epoch": resumed["epoch"], "epochs": params.epochs, "batch": 0, "batches": len(train_batches)}
+        if resumed["epoch"] not in run.logged_steps("train_loss"):
+            # The lost attempt checkpointed this epoch but died before its metrics were written.
+            for key, value in resumed["metrics"].items():
+                step_metrics.add(key, value, resumed["epoch"])
+            step_metrics.commit()
     try:
-        for epoch in range(1, params.epochs + 1):
+        for epoch in range(start_epoch, params.epochs + 1):
             started = time.perf_counter()
             step0 = (epoch - 1) * len(train_batches)
 
@@ -168,27 +187,30 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
                            should_stop=lease.should_stop)
             epoch_metrics = {"train_loss": train_loss, **prefixed("val", val.scalars),
                              "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started}
-            improved = val.scalars[primary] > best["value"]
-            if improved:
+            if val.scalars[primary] > best["value"]:
                 best.update(value=val.scalars[primary], epoch=epoch,
                             state=copy.deepcopy(model.state_dict()) if params.early_stopping_patience else None)
+            summary = {**epoch_metrics, f"best_val_{primary}": best["value"], "best_epoch": best["epoch"]}
+            progress = {"epoch": epoch, "epochs": params.epochs, "batch": len(train_batches),
+                        "batches": len(train_batches)}
 
-            # Checkpoint first, metrics second: a resumed attempt never logs an epoch it will redo.
+            # Checkpoint first, metrics second: a resumed attempt never logs an epoch twice.
             sha = save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "epoch": epoch, "rng": rng_state(), "spec": job.spec, "metrics": epoch_metrics,
-                "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
+                "epoch": epoch, "rng": rng_state(generator), "spec": job.spec, "metrics": epoch_metrics,
+                "summary": summary, "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
                 "best": {"value": best["value"], "epoch": best["epoch"]},
             }, checkpoint_path)
-            progress = {"epoch": epoch, "epochs": params.epochs, "batch": len(train_batches),
-                        "batches": len(train_batches)}
             lease.progress = progress
-            summary = {**epoch_metrics, f"best_val_{primary}": best["value"], "best_epoch": best["epoch"]}
-            jobs.record_progress(ctx.db, job.id, job.attempt, progress=progress, metrics=summary,
-                                 checkpoint_path=str(checkpoint_path), checkpoint_sha256=sha, checkpoint_epoch=epoch)
+            if not jobs.record_progress(ctx.db, job.id, job.attempt, progress=progress, metrics=summary,
+                                        checkpoint_path=str(checkpoint_path), checkpoint_sha256=sha,
+                                        checkpoint_epoch=epoch):
+                lease.lease_lost.set()  # fenced off: another attempt owns the job now; write nothing more
+                raise StopRequested
             for key, value in epoch_metrics.items():
                 step_metrics.add(key, value, epoch)
+            step_metrics.commit()
             if splits.task == "segmentation" and (epoch % OVERLAY_EVERY == 0 or epoch == params.epochs):
                 run.log_image_step(sample_overlay(model, splits, data), "sample_predictions", epoch)
 
@@ -205,6 +227,7 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
         summary.update(prefixed("test", test.scalars))
         for key, value in prefixed("test", test.scalars).items():
             step_metrics.add(key, value, progress.get("epoch", 0))
+        step_metrics.commit()
     finally:
         step_metrics.close()
         monitor.finish()
@@ -214,6 +237,14 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
     if spec.register:
         register_model(ctx, job, spec, run, model_uri, summary, data)
     return summary, progress
+
+
+def resume_state(job: JobView) -> dict[str, Any] | None:
+    """The last complete checkpoint of an earlier attempt of this job, if there is one."""
+    if job.attempt <= 1 or not job.checkpoint_path:
+        return None
+    log.info("job %s attempt %s resumes from epoch %s", job.id, job.attempt, job.checkpoint_epoch)
+    return load_checkpoint(job.checkpoint_path, job.checkpoint_sha256)
 
 
 def sample_overlay(model: nn.Module, splits: ImageSplits, data: JobData, count: int = 8) -> bytes:

@@ -1,0 +1,90 @@
+"""Lost workers: a SIGKILLed worker's job resumes on another from its last checkpoint, in the same MLflow run."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from trainyard.db import upgrade_schema
+from trainyard_web import create_app
+from conftest import WorkerProcess, make_settings, wait_for_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def platform(tmp_path, postgres, redis_broker_url):
+    settings = make_settings(tmp_path, database_url=postgres.create(), broker_url=redis_broker_url).model_copy(
+        update={"heartbeat_seconds": 0.5, "lease_seconds": 4.0, "reconcile_seconds": 1.0})
+    upgrade_schema(settings.database_url)
+    processes: list[WorkerProcess] = []
+
+    def start(name: str, command: str = "worker") -> WorkerProcess:
+        process = WorkerProcess(settings, tmp_path / f"{name}.log", command=command)
+        processes.append(process)
+        if command == "worker":
+            process.wait_ready()
+        return process
+
+    yield settings, create_app(settings).test_client(), start
+    for process in processes:
+        process.stop()
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return value
+
+
+def test_killed_worker_job_resumes_from_its_checkpoint_on_another(platform):
+    settings, client, start = platform
+    first = start("worker-a")
+    start("reconciler", command="reconciler")
+    job_id = client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                               "params": {"epochs": 5, "batch_size": 4}}).get_json()["id"]
+
+    def in_epoch_3():
+        job = client.get(f"/api/v1/jobs/{job_id}").get_json()
+        return job if job["progress"].get("epoch") == 2 and job["progress"].get("batch", 0) >= 20 else None
+
+    before = wait_until(in_epoch_3, 240, "job never reached epoch 3")
+    assert before["checkpoint_epoch"] == 2 and before["attempt"] == 1
+    first.kill()  # mid-epoch 3: the epoch-2 checkpoint is the last complete one
+    second = start("worker-b")
+    job = wait_for_job(client, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=300)
+    assert job["status"] == "SUCCEEDED", f"{job['error']}\n{second.log()[-3000:]}"
+    assert job["attempt"] == 2
+    transitions = [(e["from_status"], e["to_status"], e["attempt"]) for e in job["events"]]
+    assert transitions == [(None, "QUEUED", 0), ("QUEUED", "RUNNING", 1), ("RUNNING", "QUEUED", 1),
+                           ("QUEUED", "RUNNING", 2), ("RUNNING", "SUCCEEDED", 2)]
+    assert "resumes from epoch 2" in second.log()
+
+    tracking = MlflowClient(settings.mlflow_tracking_uri)
+    run = tracking.get_run(job["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        steps = [m.step for m in tracking.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1, 2, 3, 4, 5], (key, steps)  # exactly one value per epoch
+    step_losses = [m.step for m in tracking.get_metric_history(run.info.run_id, "train_step_loss")]
+    assert len(step_losses) == len(set(step_losses))  # no batch logged twice
+    assert job["metrics"]["val_accuracy"] >= 0.9
+
+
+def test_a_job_out_of_attempts_fails_with_the_reason(platform):
+    settings, client, start = platform
+    worker = start("worker-a")
+    start("reconciler", command="reconciler")
+    job_id = client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                               "max_attempts": 1, "params": {"epochs": 50, "batch_size": 4}}
+                         ).get_json()["id"]
+    wait_until(lambda: client.get(f"/api/v1/jobs/{job_id}").get_json()["progress"].get("batch", 0) > 0, 240,
+               "job never started")
+    worker.kill()
+    job = wait_for_job(client, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=60)
+    assert job["status"] == "FAILED" and "attempt 1 of 1" in job["error"]
+    assert job["events"][-1]["message"].startswith("lease expired")
