@@ -88,3 +88,57 @@ def test_a_job_out_of_attempts_fails_with_the_reason(platform):
     job = wait_for_job(client, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=60)
     assert job["status"] == "FAILED" and "attempt 1 of 1" in job["error"]
     assert job["events"][-1]["message"].startswith("lease expired")
+
+
+def test_sigterm_hands_the_job_back_to_resume_elsewhere(platform):
+    settings, client, start = platform
+    first = start("worker-a")
+    job_id = client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                               "params": {"epochs": 4, "batch_size": 4}}).get_json()["id"]
+    wait_until(lambda: (j := client.get(f"/api/v1/jobs/{job_id}").get_json())["progress"].get("epoch") == 1
+               and j["progress"].get("batch", 0) >= 20, 240, "job never reached epoch 2")
+    first.process.terminate()  # SIGTERM to the worker, as a deploy or a preemption notice does
+    assert first.process.wait(timeout=60) == 0, first.log()[-3000:]
+    handed_back = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert handed_back["status"] == "QUEUED" and handed_back["checkpoint_epoch"] == 1
+    assert "stopped; re-queued" in handed_back["events"][-1]["message"]
+    start("worker-b")
+    job = wait_for_job(client, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=300)
+    assert job["status"] == "SUCCEEDED" and job["attempt"] == 2, job["error"]
+    tracking = MlflowClient(settings.mlflow_tracking_uri)
+    steps = [m.step for m in tracking.get_metric_history(job["mlflow_run_id"], "val_accuracy")]
+    assert sorted(steps) == [1, 2, 3, 4]
+
+
+def test_cancel_is_honoured_for_a_job_whose_worker_was_lost(platform):
+    settings, client, start = platform
+    worker = start("worker-a")
+    start("reconciler", command="reconciler")
+    job_id = client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                               "params": {"epochs": 50, "batch_size": 4}}).get_json()["id"]
+    wait_until(lambda: client.get(f"/api/v1/jobs/{job_id}").get_json()["progress"].get("batch", 0) > 0, 240,
+               "job never started")
+    worker.kill()
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 202
+    job = wait_for_job(client, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=60)
+    assert job["status"] == "CANCELLED"
+
+
+def test_retry_runs_a_cancelled_job_again_from_its_checkpoint(platform):
+    settings, client, start = platform
+    start("worker-a")
+    job_id = client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                               "params": {"epochs": 3, "batch_size": 4}}).get_json()["id"]
+    wait_until(lambda: client.get(f"/api/v1/jobs/{job_id}").get_json()["checkpoint_epoch"] == 1, 240,
+               "no first checkpoint")
+    client.post(f"/api/v1/jobs/{job_id}/cancel")
+    cancelled = wait_for_job(client, job_id, {"CANCELLED", "SUCCEEDED", "FAILED"}, timeout=60)
+    assert cancelled["status"] == "CANCELLED"
+    retried = client.post(f"/api/v1/jobs/{job_id}/retry")
+    assert retried.status_code == 202 and retried.get_json()["status"] == "QUEUED"
+    job = wait_for_job(client, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=240)
+    assert job["status"] == "SUCCEEDED" and job["attempt"] == 2, job["error"]
+    assert any(e["message"].startswith("retried from the epoch-") for e in job["events"])
+    again = client.post(f"/api/v1/jobs/{job_id}/retry")
+    assert again.status_code == 409 and "SUCCEEDED" in again.get_json()["detail"]
+    assert client.post("/api/v1/jobs/999999/retry").status_code == 404

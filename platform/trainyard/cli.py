@@ -205,6 +205,23 @@ def status(
     _print_job(job)
 
 
+@app.command()
+def cancel(job_id: int = typer.Argument(..., help="Job id.")) -> None:
+    """Cancel a job: at once if queued, within a batch if running."""
+    job = _request("POST", f"/jobs/{job_id}/cancel")
+    console.print(f"job {job_id}: {job['status']}{' (cancelling)' if job['cancel_requested'] and job['status'] == 'RUNNING' else ''}")
+
+
+@app.command()
+def retry(job_id: int = typer.Argument(..., help="Job id."),
+          watch: bool = typer.Option(False, "--watch", "-w")) -> None:
+    """Run a FAILED or CANCELLED job again, resuming from its last checkpoint."""
+    job = _request("POST", f"/jobs/{job_id}/retry")
+    console.print(f"job {job_id}: {job['status']} (attempt {job['attempt'] + 1} next)")
+    if watch:
+        _watch(job_id)
+
+
 def _print_job(job: dict[str, Any]) -> None:
     progress = job.get("progress") or {}
     console.print(f"job [bold]{job['id']}[/] {job['name']}: [bold]{job['status']}[/] "

@@ -263,6 +263,45 @@ def mark_cancelled(db: Database, job_id: int, attempt: int) -> bool:
     return _end_running(db, job_id, attempt, JobStatus.CANCELLED, "cancelled by request")
 
 
+def retry_job(db: Database, job_id: int, dispatch: Dispatch) -> JobView:
+    """Queue a FAILED or CANCELLED job again as a new attempt; it resumes from its last checkpoint."""
+    with db.session_scope() as s:
+        row = s.get(Job, job_id)
+        if row is None:
+            raise NotFound(f"No job with id {job_id}.")
+        status = JobStatus(row.status)
+        if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise Conflict(f"Job {job_id} is {status}; only a FAILED or CANCELLED job can be retried.")
+        queue, priority = row.queue, row.priority
+        done = _transition(
+            s, job_id, from_status=status, to_status=JobStatus.QUEUED, attempt=row.attempt,
+            message="retried" + (f" from the epoch-{row.checkpoint_epoch} checkpoint" if row.checkpoint_epoch else ""),
+            values={"error": None, "finished_at": None, "cancel_requested": False,
+                    # a retry asked for by a person is one more attempt, whatever the budget said
+                    "max_attempts": max(row.max_attempts, row.attempt + 1)},
+        )
+    if not done:
+        raise Conflict(f"Job {job_id} changed while it was being retried; look at it again.")
+    dispatch(job_id, queue, priority)
+    return get_job(db, job_id)
+
+
+def release_job(db: Database, job_id: int, attempt: int, message: str, dispatch: Dispatch) -> bool:
+    """RUNNING → QUEUED for a worker that stops on purpose; the next attempt resumes from the checkpoint."""
+    with db.session_scope() as s:
+        row = s.get(Job, job_id)
+        released = row is not None and _transition(
+            s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.QUEUED, attempt=attempt, message=message,
+            values={"lease_owner": None, "lease_expires_at": None})
+        queue, priority = (row.queue, row.priority) if row is not None else ("", 0)
+        if released and attempt >= row.max_attempts:
+            # A deliberate stop is not a failure: it must not use up the job's attempts.
+            s.execute(update(Job).where(Job.id == job_id).values(max_attempts=attempt + 1))
+    if released:
+        dispatch(job_id, queue, priority)
+    return released
+
+
 def requeue_lost_jobs(db: Database, dispatch: Dispatch, now: datetime | None = None) -> list[int]:
     """Jobs RUNNING on an expired lease lost their worker: re-queue them to resume from their last
     checkpoint, or fail them once max_attempts are used (a cancel requested meanwhile is honoured).

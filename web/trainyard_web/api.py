@@ -57,6 +57,15 @@ def cancel_job(job_id: int):
     return JobOut.model_validate(jobs.request_cancel(platform().db, job_id)), 202
 
 
+@api.post("/jobs/<int:job_id>/retry")
+@api.output(JobOut, status_code=202)
+@api.doc(summary="Run a FAILED or CANCELLED job again as a new attempt, from its last checkpoint",
+         responses=[202, 404, 409])
+def retry_job(job_id: int):
+    p = platform()
+    return JobOut.model_validate(jobs.retry_job(p.db, job_id, p.dispatch)), 202
+
+
 @api.get("/datasets")
 @api.output(DatasetListOut)
 @api.doc(summary="Registered datasets")

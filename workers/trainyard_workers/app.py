@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+
+import psutil
 from celery import Celery
+from celery.signals import worker_shutting_down
 
 from trainyard.config import Settings
 from trainyard.queueing import RUN_JOB_TASK, celery_config
@@ -20,6 +24,19 @@ def create_celery_app(settings: Settings) -> Celery:
 
     @app.task(name=RUN_JOB_TASK, ignore_result=True)
     def run_job(job_id: int) -> None:
+        # Set here, not at process start: the pool installs its own SIGTERM handler after that. In a pool
+        # process SIGTERM now means "hand the job back", not "die mid-batch".
+        signal.signal(signal.SIGTERM, lambda *_: engine.SHUTTING_DOWN.set())
         engine.run_job(context, job_id)
 
     return app
+
+
+@worker_shutting_down.connect
+def _tell_pool_processes(**_) -> None:
+    # A warm shutdown would wait for the running job to finish, maybe for hours: ask it to hand back now.
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass

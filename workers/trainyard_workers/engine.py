@@ -16,6 +16,7 @@ from trainyard import jobs
 from trainyard.config import Settings
 from trainyard.db import Database
 from trainyard.jobs import JobView
+from trainyard.queueing import CeleryDispatch
 from trainyard.tracking import JobRun
 from trainyard_workers.evaluation import run_evaluation
 from trainyard_workers.loop import StopRequested
@@ -23,6 +24,10 @@ from trainyard_workers.prediction import run_prediction
 from trainyard_workers.training import run_training
 
 log = logging.getLogger(__name__)
+
+# Set in a pool process when its worker is shutting down (SIGTERM): the running job stops at the next
+# batch and goes back to the queue, to resume elsewhere from its last checkpoint.
+SHUTTING_DOWN = threading.Event()
 
 
 @dataclass
@@ -32,6 +37,7 @@ class WorkerContext:
     settings: Settings
     _db: Database | None = field(default=None, repr=False)
     _db_pid: int = field(default=-1, repr=False)
+    _dispatch: CeleryDispatch | None = field(default=None, repr=False)
 
     @property
     def db(self) -> Database:
@@ -40,6 +46,12 @@ class WorkerContext:
             self._db = Database(self.settings.database_url)
             self._db_pid = os.getpid()
         return self._db
+
+    @property
+    def dispatch(self) -> CeleryDispatch:
+        if self._dispatch is None:
+            self._dispatch = CeleryDispatch(self.settings)
+        return self._dispatch
 
     @property
     def worker_id(self) -> str:
@@ -72,7 +84,7 @@ class LeaseKeeper:
         self._thread.join(timeout=10)
 
     def should_stop(self) -> bool:
-        return self.cancel_requested.is_set() or self.lease_lost.is_set()
+        return self.cancel_requested.is_set() or self.lease_lost.is_set() or SHUTTING_DOWN.is_set()
 
     def _run(self) -> None:
         settings = self._ctx.settings
@@ -120,8 +132,13 @@ def run_job(ctx: WorkerContext, job_id: int) -> None:
             if lease.lease_lost.is_set():
                 log.warning("job %s: lease lost; leaving the job to its new owner", job.id)
                 return
-            jobs.mark_cancelled(ctx.db, job.id, job.attempt)
-            _end_run(run, "KILLED")
+            if lease.cancel_requested.is_set():
+                jobs.mark_cancelled(ctx.db, job.id, job.attempt)
+                _end_run(run, "KILLED")
+                return
+            log.info("job %s: worker stopping; back to the queue to resume from its last checkpoint", job.id)
+            jobs.release_job(ctx.db, job.id, job.attempt, f"worker {ctx.worker_id} stopped; re-queued",
+                             ctx.dispatch)
         except Exception as exc:
             log.exception("job %s failed", job.id)
             jobs.fail_job(ctx.db, job.id, job.attempt, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
