@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -18,6 +19,7 @@ import redis
 
 from trainyard.config import Settings
 from trainyard.db import Database, upgrade_schema
+from trainyard_web import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("TRAINYARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -68,20 +70,28 @@ def redis_server() -> str:
     return REDIS_URL
 
 
-@pytest.fixture
-def redis_broker_url(redis_server: str) -> Iterator[str]:
-    """A Redis database index to itself for this test, flushed afterwards."""
+@contextmanager
+def claimed_redis_database(redis_server: str) -> Iterator[str]:
+    """A Redis logical database to ourselves (so parallel runs do not share queues), flushed around use."""
     client = redis.Redis.from_url(redis_server)
-    for index in range(1, 16):  # claim a free logical database so parallel runs do not share queues
+    for index in range(1, 16):
         if client.set(f"trainyard-test-lock:{index}", os.getpid(), nx=True, ex=3600):
             break
     else:
         pytest.fail("no free Redis logical database for the test")
     url = f"{redis_server}/{index}"
     redis.Redis.from_url(url).flushdb()
-    yield url
-    redis.Redis.from_url(url).flushdb()
-    client.delete(f"trainyard-test-lock:{index}")
+    try:
+        yield url
+    finally:
+        redis.Redis.from_url(url).flushdb()
+        client.delete(f"trainyard-test-lock:{index}")
+
+
+@pytest.fixture
+def redis_broker_url(redis_server: str) -> Iterator[str]:
+    with claimed_redis_database(redis_server) as url:
+        yield url
 
 
 def redis_queue_messages(broker_url: str, queue: str = "training") -> list[bytes]:
@@ -94,6 +104,22 @@ def redis_queue_messages(broker_url: str, queue: str = "training") -> list[bytes
 def make_settings(tmp_path: Path, **overrides: str) -> Settings:
     """Embedded defaults under `tmp_path`, with any URL overridden."""
     return Settings(data_dir=tmp_path / "data", **overrides)
+
+
+@pytest.fixture
+def web_settings(tmp_path, redis_broker_url) -> Settings:
+    """Embedded SQLite stores under tmp_path, migrated, with a Redis broker of the test's own."""
+    settings = make_settings(tmp_path, broker_url=redis_broker_url)
+    upgrade_schema(settings.database_url)
+    return settings
+
+
+@pytest.fixture
+def web_client(web_settings):
+    """Flask's test client on the real web app for `web_settings`."""
+    app = create_app(web_settings)
+    app.testing = True
+    return app.test_client()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -16,17 +16,13 @@ GOOD = {"kind": "train", "dataset": "digits", "architecture": "cnn", "params": {
 
 
 @pytest.fixture
-def settings(tmp_path, redis_broker_url):
-    s = make_settings(tmp_path, broker_url=redis_broker_url)
-    upgrade_schema(s.database_url)
-    return s
+def settings(web_settings):
+    return web_settings
 
 
 @pytest.fixture
-def client(settings):
-    app = create_app(settings)
-    app.testing = True
-    return app.test_client()
+def client(web_client):
+    return web_client
 
 
 def job_rows(settings) -> tuple[int, int]:

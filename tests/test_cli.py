@@ -56,7 +56,7 @@ def test_submit_refusals_are_clear(live):
     assert bad.exit_code == 1 and "params.epochs" in bad.output
     malformed = run(["submit", "-d", "digits", "-a", "cnn", "-p", "epochs"], env)
     assert malformed.exit_code == 2 and "key=value" in malformed.output
-    assert "No jobs" not in run(["jobs"], env).output
+    assert "cnn-digits" not in run(["jobs"], env).output  # nothing was submitted
     assert run(["status", "77"], env).exit_code == 1
 
 

@@ -11,15 +11,13 @@ from conftest import make_settings
 
 
 @pytest.fixture
-def settings(tmp_path, redis_broker_url):
-    s = make_settings(tmp_path, broker_url=redis_broker_url)
-    upgrade_schema(s.database_url)
-    return s
+def settings(web_settings):
+    return web_settings
 
 
 @pytest.fixture
-def client(settings):
-    return create_app(settings).test_client()
+def client(web_client):
+    return web_client
 
 
 def write_imagefolder(root, per_class: int = 6):

@@ -131,3 +131,61 @@ def test_unknown_dataset_and_job(platform_db, dispatch, settings):
         jobs.get_job(platform_db, 12345)
     with pytest.raises(NotFound):
         jobs.request_cancel(platform_db, 12345)
+
+
+def running_job(db, dispatch, settings, lease_seconds: float = 30):
+    job = jobs.submit_job(db, SPEC, dispatch, settings=settings)
+    return jobs.claim_job(db, job.id, "w1", lease_seconds)
+
+
+def test_reconciler_requeues_expired_leases_and_spares_live_ones(platform_db, dispatch, settings):
+    lost = running_job(platform_db, dispatch, settings)
+    alive = running_job(platform_db, dispatch, settings)
+    later = utcnow() + timedelta(seconds=31)
+    jobs.renew_lease(platform_db, alive.id, "w1", alive.attempt, 60)  # a late heartbeat keeps it
+    sent = queue_length(dispatch)
+    assert jobs.requeue_lost_jobs(platform_db, dispatch, now=later) == [lost.id]
+    assert queue_length(dispatch) == sent + 1
+    requeued = jobs.get_job(platform_db, lost.id)
+    assert requeued.status == "QUEUED" and requeued.lease_owner is None and requeued.attempt == 1
+    assert requeued.events[-1].message.startswith("lease expired (worker w1 lost)")
+    assert jobs.get_job(platform_db, alive.id).status == "RUNNING"
+    again = jobs.claim_job(platform_db, lost.id, "w2", 30)
+    assert again.attempt == 2  # the next claim is a new attempt
+
+
+def test_reconciler_fails_jobs_out_of_attempts_and_honours_cancel(platform_db, dispatch, settings):
+    spent = jobs.submit_job(platform_db, SPEC.model_copy(update={"max_attempts": 1}), dispatch, settings=settings)
+    jobs.claim_job(platform_db, spent.id, "w1", 30)
+    cancelled = running_job(platform_db, dispatch, settings)
+    jobs.request_cancel(platform_db, cancelled.id)
+    later = utcnow() + timedelta(seconds=31)
+    assert jobs.requeue_lost_jobs(platform_db, dispatch, now=later) == []
+    failed = jobs.get_job(platform_db, spent.id)
+    assert failed.status == "FAILED" and "attempt 1 of 1" in failed.error
+    assert jobs.get_job(platform_db, cancelled.id).status == "CANCELLED"
+
+
+def test_reconciler_resends_long_silent_queued_jobs(platform_db, dispatch, settings):
+    waiting = jobs.submit_job(platform_db, SPEC, dispatch, settings=settings)
+    before = queue_length(dispatch)
+    assert jobs.requeue_lost_jobs(platform_db, dispatch) == []  # fresh: its message is surely there
+    assert jobs.requeue_lost_jobs(platform_db, dispatch, now=utcnow() + timedelta(minutes=6)) == [waiting.id]
+    assert queue_length(dispatch) == before + 1
+
+
+def test_release_and_retry(platform_db, dispatch, settings):
+    job = running_job(platform_db, dispatch, settings)
+    assert jobs.release_job(platform_db, job.id, job.attempt, "worker stopped; re-queued", dispatch)
+    released = jobs.get_job(platform_db, job.id)
+    assert released.status == "QUEUED" and released.max_attempts == job.max_attempts + 1  # not a spent attempt
+    job = jobs.claim_job(platform_db, job.id, "w2", 30)
+    jobs.request_cancel(platform_db, job.id)
+    assert not jobs.release_job(platform_db, job.id, job.attempt, "stopping", dispatch)
+    assert jobs.get_job(platform_db, job.id).status == "CANCELLED"  # a cancel wins over a hand-back
+    retried = jobs.retry_job(platform_db, job.id, dispatch)
+    assert retried.status == "QUEUED" and retried.error is None and not retried.cancel_requested
+    with pytest.raises(Conflict, match="only a FAILED or CANCELLED"):
+        jobs.retry_job(platform_db, job.id, dispatch)
+    with pytest.raises(NotFound):
+        jobs.retry_job(platform_db, 2**70, dispatch)

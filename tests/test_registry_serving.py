@@ -22,15 +22,23 @@ from PIL import Image
 from trainyard.db import upgrade_schema
 from trainyard.ml.datasets import FORMATS
 from trainyard_web import create_app
-from conftest import ROOT, WorkerProcess, make_settings, wait_for_job
+from conftest import ROOT, WorkerProcess, claimed_redis_database, make_settings, wait_for_job
 
 MODEL = "digits-cnn"
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, redis_server):
+    with claimed_redis_database(redis_server) as broker_url:
+        yield from _platform(tmp_path_factory, broker_url)
+
+
+def _platform(tmp_path_factory, broker_url):
     tmp = tmp_path_factory.mktemp("registry")
-    settings = make_settings(tmp, broker_url=f"{redis_server}/14")
+    settings = make_settings(tmp, broker_url=broker_url)
     upgrade_schema(settings.database_url)
     app = create_app(settings)
     client = app.test_client()

@@ -54,7 +54,7 @@ def test_cnn_and_resnet18_on_digits_and_unet_on_shapes(platform):
                     params={"epochs": 10, "lr": 0.002, "batch_size": 64, "scheduler": "onecycle",
                             "weight_decay": 0.0005, "optimizer": "adamw"})
     unet = submit(client, dataset="shapes", architecture="unet", architecture_options={"depth": 3, "base_width": 16},
-                  params={"epochs": 8, "lr": 0.003, "batch_size": 16, "scheduler": "onecycle",
+                  params={"epochs": 12, "lr": 0.003, "batch_size": 16, "scheduler": "onecycle",
                           "augmentation": "light"})
 
     cnn_job = finished(client, cnn, worker)

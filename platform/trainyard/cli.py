@@ -150,7 +150,7 @@ def _parse_value(raw: str) -> Any:
 def submit(
     dataset: str = typer.Option(None, "--dataset", "-d", help="Registered dataset name."),
     architecture: str = typer.Option(None, "--architecture", "-a", help="Registered architecture name."),
-    kind: str = typer.Option(None, help="train (default) or evaluate."),
+    kind: str = typer.Option(None, help="train (default), evaluate or predict."),
     source_job: int = typer.Option(None, help="evaluate: the finished training job whose model to score."),
     split: str = typer.Option(None, help="evaluate: train, val or test (default test)."),
     name: str = typer.Option(None, help="Job name (default: <architecture>-<dataset>)."),
@@ -282,7 +282,8 @@ def list_jobs(
 def datasets_register(
     name: str = typer.Argument(..., help="Name to register the dataset under."),
     path: Path = typer.Argument(..., help="The dataset's folder (inside TRAINYARD_DATASET_ROOTS)."),
-    fmt: str = typer.Option(..., "--format", "-f", help="imagefolder, segmentation, mnist, fashion-mnist, cifar10, cifar100."),
+    fmt: str = typer.Option(..., "--format", "-f", help="A dataset format (imagefolder, segmentation, mnist, ...; "
+                                                          "the refusal of an unknown one lists them all)."),
 ) -> None:
     """Scan a folder and register it as a dataset (same as POST /api/v1/datasets)."""
     dataset = _request("POST", "/datasets", json={"name": name, "format": fmt, "path": str(path.expanduser().resolve())})

@@ -60,7 +60,11 @@ def resolve_under_roots(raw: str, roots: Sequence[Path], field: str, *, want: st
     if not path.is_absolute():
         raise InvalidSpec(f"{field} must be an absolute path (got {raw!r}).",
                           errors=[{"field": field, "message": "not an absolute path"}])
-    real = path.resolve()  # follows symlinks, so a link cannot smuggle in a path outside the roots
+    try:
+        real = path.resolve()  # follows symlinks, so a link cannot smuggle in a path outside the roots
+    except (ValueError, OSError) as exc:  # e.g. a NUL byte, or a symlink loop
+        raise InvalidSpec(f"{field} is not a usable path ({exc}).",
+                          errors=[{"field": field, "message": "unusable path"}]) from None
     if not any(real == root or real.is_relative_to(root) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise InvalidSpec(f"{raw} is outside the allowed folders ({allowed}); set TRAINYARD_DATASET_ROOTS "

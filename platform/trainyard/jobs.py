@@ -6,6 +6,7 @@ transaction, so two processes racing for one job can never both win, and the his
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,6 +22,8 @@ from trainyard.errors import Conflict, NotFound, ServiceUnavailable
 from trainyard.models import Job, JobEvent, JobStatus, to_view, utcnow
 from trainyard.spec_checks import checked_spec, default_name
 from trainyard.specs import JobSpec
+
+log = logging.getLogger(__name__)
 
 # (job id, queue, priority 0–9) → message on the broker. Called only after the job's row is committed.
 Dispatch = Callable[[int, str, int], None]
@@ -92,12 +95,16 @@ def _transition(
     message: str,
     event_attempt: int | None = None,
     values: dict[str, Any] | None = None,
+    also: Sequence[Any] = (),
 ) -> bool:
-    """Move the job from (from_status, attempt) to to_status and log the event; False if it had moved on."""
+    """Move the job from (from_status, attempt) to to_status and log the event; False if it had moved on.
+
+    `also` adds conditions to the compare-and-set (e.g. "the lease is still expired").
+    """
     now = utcnow()
     result = s.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == from_status, Job.attempt == attempt)
+        .where(Job.id == job_id, Job.status == from_status, Job.attempt == attempt, *also)
         .values(status=to_status, updated_at=now, **(values or {}))
         .execution_options(synchronize_session=False)
     )
@@ -153,7 +160,12 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
     return get_job(db, job_id)
 
 
+MAX_ID = 2**63 - 1  # ids beyond this cannot exist, and SQLite would raise on them
+
+
 def get_job(db: Database, job_id: int) -> JobView:
+    if not 0 < job_id <= MAX_ID:
+        raise NotFound(f"No job with id {job_id}.")
     with db.session_scope() as s:
         row = s.get(Job, job_id)
         if row is None:
@@ -265,6 +277,7 @@ def mark_cancelled(db: Database, job_id: int, attempt: int) -> bool:
 
 def retry_job(db: Database, job_id: int, dispatch: Dispatch) -> JobView:
     """Queue a FAILED or CANCELLED job again as a new attempt; it resumes from its last checkpoint."""
+    get_job(db, job_id)  # 404 for an id that cannot exist
     with db.session_scope() as s:
         row = s.get(Job, job_id)
         if row is None:
@@ -282,60 +295,95 @@ def retry_job(db: Database, job_id: int, dispatch: Dispatch) -> JobView:
         )
     if not done:
         raise Conflict(f"Job {job_id} changed while it was being retried; look at it again.")
-    dispatch(job_id, queue, priority)
+    if not _send(dispatch, job_id, queue, priority):
+        raise ServiceUnavailable(f"Job {job_id} is QUEUED again but the broker did not take its message; "
+                                 "the reconciler will send it again.")
     return get_job(db, job_id)
 
 
+def _send(dispatch: Dispatch, job_id: int, queue: str, priority: int) -> bool:
+    """Dispatch after commit; False if the broker is away (the reconciler re-sends stale QUEUED jobs)."""
+    try:
+        dispatch(job_id, queue, priority)
+    except Exception:
+        log.exception("could not send job %s to the broker; the reconciler will retry", job_id)
+        return False
+    return True
+
+
 def release_job(db: Database, job_id: int, attempt: int, message: str, dispatch: Dispatch) -> bool:
-    """RUNNING → QUEUED for a worker that stops on purpose; the next attempt resumes from the checkpoint."""
+    """RUNNING → QUEUED for a worker that stops on purpose (or → CANCELLED if a cancel was asked for)."""
     with db.session_scope() as s:
         row = s.get(Job, job_id)
-        released = row is not None and _transition(
+        if row is None:
+            return False
+        queue, priority = row.queue, row.priority
+        cleared = {"lease_owner": None, "lease_expires_at": None}
+        if row.cancel_requested:
+            _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.CANCELLED, attempt=attempt,
+                        message="cancelled by request", values={**cleared, "finished_at": utcnow()})
+            return False
+        # A deliberate stop is not a failure: it must not use up one of the job's attempts.
+        released = _transition(
             s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.QUEUED, attempt=attempt, message=message,
-            values={"lease_owner": None, "lease_expires_at": None})
-        queue, priority = (row.queue, row.priority) if row is not None else ("", 0)
-        if released and attempt >= row.max_attempts:
-            # A deliberate stop is not a failure: it must not use up the job's attempts.
-            s.execute(update(Job).where(Job.id == job_id).values(max_attempts=attempt + 1))
+            values={**cleared, "max_attempts": row.max_attempts + 1},
+            also=[Job.cancel_requested.is_(False)])
     if released:
-        dispatch(job_id, queue, priority)
+        _send(dispatch, job_id, queue, priority)
     return released
 
 
-def requeue_lost_jobs(db: Database, dispatch: Dispatch, now: datetime | None = None) -> list[int]:
+def requeue_lost_jobs(db: Database, dispatch: Dispatch, now: datetime | None = None,
+                      resend_after: timedelta = timedelta(minutes=5)) -> list[int]:
     """Jobs RUNNING on an expired lease lost their worker: re-queue them to resume from their last
     checkpoint, or fail them once max_attempts are used (a cancel requested meanwhile is honoured).
-    Returns the ids re-queued."""
+    QUEUED jobs untouched for `resend_after` get their message sent again, in case it was lost (a second
+    delivery is harmless: the claim is a compare-and-set). Returns the ids sent."""
     now = now or utcnow()
     with db.session_scope() as s:
         lost = s.execute(
-            select(Job.id, Job.attempt, Job.max_attempts, Job.lease_owner, Job.cancel_requested, Job.queue,
-                   Job.priority)
+            select(Job.id, Job.attempt, Job.max_attempts, Job.lease_owner, Job.cancel_requested)
             .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
             .order_by(Job.id)
         ).all()
-    requeued = []
-    for job_id, attempt, max_attempts, owner, cancel, queue, priority in lost:
+    for job_id, attempt, max_attempts, owner, cancel in lost:
         cleared = {"lease_owner": None, "lease_expires_at": None}
         why = f"lease expired (worker {owner} lost)"
+        # The lease must still be expired when the update lands: a late heartbeat wins over us.
+        still_lost = [Job.lease_expires_at < now]
         with db.session_scope() as s:
             if cancel:
                 _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.CANCELLED, attempt=attempt,
-                            message=f"{why}; cancelled as requested", values={**cleared, "finished_at": now})
+                            message=f"{why}; cancelled as requested", values={**cleared, "finished_at": now},
+                            also=still_lost)
             elif attempt >= max_attempts:
                 error = f"{why} on attempt {attempt} of {max_attempts}; not retried"
                 _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.FAILED, attempt=attempt,
-                            message=error, values={**cleared, "finished_at": now, "error": error})
-            elif _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.QUEUED, attempt=attempt,
-                             message=f"{why}; re-queued to resume from its last checkpoint", values=cleared):
-                requeued.append((job_id, queue, priority))
-    for job_id, queue, priority in requeued:  # after commit, as for a new job
-        dispatch(job_id, queue, priority)
-    return [job_id for job_id, _, _ in requeued]
+                            message=error, values={**cleared, "finished_at": now, "error": error}, also=still_lost)
+            else:
+                _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.QUEUED, attempt=attempt,
+                            message=f"{why}; re-queued to resume from its last checkpoint", values=cleared,
+                            also=[*still_lost, Job.cancel_requested.is_(False)])
+    with db.session_scope() as s:
+        # Just re-queued jobs (updated now) and long-silent QUEUED ones: (re)send, and note when.
+        due = s.execute(
+            select(Job.id, Job.queue, Job.priority)
+            .where(Job.status == JobStatus.QUEUED, Job.updated_at < now - resend_after)
+            .order_by(Job.id)
+        ).all()
+        fresh = s.execute(
+            select(Job.id, Job.queue, Job.priority)
+            .where(Job.status == JobStatus.QUEUED, Job.id.in_([job_id for job_id, *_ in lost]))
+        ).all()
+        rows = {r[0]: r for r in [*fresh, *due]}
+        if due:
+            s.execute(update(Job).where(Job.id.in_([r[0] for r in due])).values(updated_at=now))
+    return [job_id for job_id, queue, priority in rows.values() if _send(dispatch, job_id, queue, priority)]
 
 
 def request_cancel(db: Database, job_id: int) -> JobView:
     """Cancel a queued job at once; flag a running one, which stops within a batch of seeing the flag."""
+    get_job(db, job_id)  # 404 for an id that cannot exist
     for _ in range(3):  # the job may move between our read and our write; re-read and decide again
         with db.session_scope() as s:
             row = s.get(Job, job_id)

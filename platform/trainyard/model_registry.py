@@ -139,6 +139,8 @@ def get_model(settings: Settings, name: str) -> tuple[RegisteredModelView, list[
 
 
 def get_version(settings: Settings, name: str, version: int) -> ModelVersionView:
+    if not 0 < version < 2**31:
+        raise NotFound(f"Model {name!r} has no version {version}.")
     client = _client(settings)
     _get_model(client, name)
     try:
@@ -185,9 +187,10 @@ def _quote(name: str) -> str:
 
 
 def _check_alias(alias: str) -> None:
-    if not ALIAS_PATTERN.match(alias):
-        raise InvalidSpec(f"Alias {alias!r} must match [a-z][a-z0-9-]* (e.g. staging, production).",
-                          errors=[{"field": "alias", "message": "invalid alias"}])
+    if not ALIAS_PATTERN.match(alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
+        # MLflow reserves "latest" and "v<N>" (they name versions in models:/ URIs).
+        raise InvalidSpec(f"Alias {alias!r} must match [a-z][a-z0-9-]* and not be 'latest' or 'v<number>' "
+                          "(e.g. staging, production).", errors=[{"field": "alias", "message": "invalid alias"}])
 
 
 def promote(db: Database, settings: Settings, *, name: str, alias: str, version: int, force: bool = False,
@@ -223,8 +226,10 @@ def _worse(candidate: ModelVersionView, current: ModelVersionView) -> str:
 def _holder(client: MlflowClient, name: str, alias: str) -> ModelVersionView | None:
     try:
         return _version_view(client.get_model_version_by_alias(name, alias))
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None  # nobody holds the alias yet
+        raise  # anything else must not silently skip the guard
 
 
 def remove_alias(db: Database, settings: Settings, *, name: str, alias: str, actor: str = "anonymous") -> AliasEventView:
@@ -254,11 +259,3 @@ def alias_history(db: Database, settings: Settings, name: str) -> list[AliasEven
         rows = s.scalars(select(ModelAliasEvent).where(ModelAliasEvent.model_name == name)
                          .order_by(ModelAliasEvent.id.desc()))
         return [to_view(AliasEventView, r) for r in rows]
-
-
-def version_metadata(settings: Settings, name: str, version: int) -> dict[str, Any]:
-    """Links a person can follow into the MLflow UI for a version."""
-    ui = f"http://{settings.mlflow_host}:{settings.mlflow_port}"
-    view = get_version(settings, name, version)
-    run = f"{ui}/#/runs/{view.run_id}" if view.run_id else None
-    return {"model_page": f"{ui}/#/models/{name}/versions/{version}", "run_page": run}

@@ -83,12 +83,12 @@ class JobSpec(BaseModel):
         default_factory=dict, description="The architecture's own options, e.g. UNet depth and base_width.")
     weights_path: str | None = Field(
         None, max_length=4096, description="Pretrained weights from a local file under the dataset roots.")
-    source_job: int | None = Field(None, ge=1, description="evaluate: the finished training job whose model to use.")
+    source_job: int | None = Field(None, ge=1, le=2**63 - 1, description="evaluate: the finished training job whose model to use.")
     model_name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
         description="train: the registered model to add a version to (default <dataset>-<architecture>); "
                     "evaluate, predict: the registered model to use.")
-    model_version: int | None = Field(None, ge=1, description="evaluate, predict: the version (or give alias).")
+    model_version: int | None = Field(None, ge=1, le=2**31 - 1, description="evaluate, predict: the version (or give alias).")
     alias: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{0,62}$",
                               description="evaluate, predict: resolved to a version when the job is submitted.")
     path: str | None = Field(None, max_length=4096, description="predict: a folder of images under the dataset roots.")

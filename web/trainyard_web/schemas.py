@@ -59,7 +59,7 @@ class JobListQuery(BaseModel):
 
     status: str | None = Field(None, description="Comma-separated statuses, e.g. QUEUED,RUNNING")
     limit: int = Field(50, ge=1, le=200)
-    before: int | None = Field(None, ge=1, description="Only jobs with a smaller id (keyset pagination).")
+    before: int | None = Field(None, ge=1, le=2**63 - 1, description="Only jobs with a smaller id (keyset pagination).")
 
     @field_validator("status")
     @classmethod
@@ -161,7 +161,7 @@ class ModelListOut(BaseModel):
 class PromoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(..., ge=1)
+    version: int = Field(..., ge=1, le=2**31 - 1)
     force: bool = Field(False, description="Promote even if the version's primary metric is worse.")
 
 
@@ -184,7 +184,7 @@ class PredictQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alias: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{0,62}$", description="Default: production")
-    version: int | None = Field(None, ge=1, description="A version number instead of an alias")
+    version: int | None = Field(None, ge=1, le=2**31 - 1, description="A version number instead of an alias")
     top_k: int = Field(5, ge=1, le=1000)
 
     @field_validator("version")

@@ -133,19 +133,20 @@ def run_job(ctx: WorkerContext, job_id: int) -> None:
                 log.warning("job %s: lease lost; leaving the job to its new owner", job.id)
                 return
             if lease.cancel_requested.is_set():
-                jobs.mark_cancelled(ctx.db, job.id, job.attempt)
-                _end_run(run, "KILLED")
+                if jobs.mark_cancelled(ctx.db, job.id, job.attempt):
+                    _end_run(run, "KILLED")
                 return
             log.info("job %s: worker stopping; back to the queue to resume from its last checkpoint", job.id)
             jobs.release_job(ctx.db, job.id, job.attempt, f"worker {ctx.worker_id} stopped; re-queued",
                              ctx.dispatch)
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            jobs.fail_job(ctx.db, job.id, job.attempt, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
-            _end_run(run, "FAILED")
+            # Only the attempt that still owns the job may close the run it shares with later attempts.
+            if jobs.fail_job(ctx.db, job.id, job.attempt, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"):
+                _end_run(run, "FAILED")
         else:
-            jobs.finish_job(ctx.db, job.id, job.attempt, metrics, progress)
-            _end_run(run, "FINISHED")
+            if jobs.finish_job(ctx.db, job.id, job.attempt, metrics, progress):
+                _end_run(run, "FINISHED")
 
 
 def _end_run(run: JobRun | None, status: str) -> None:

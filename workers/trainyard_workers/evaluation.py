@@ -41,7 +41,9 @@ def trained_weights(ctx, spec: JobSpec) -> TrainedWeights:
     if spec.source_job is not None:
         source = jobs.get_job(ctx.db, spec.source_job)
         checkpoint = load_checkpoint(source.checkpoint_path, source.checkpoint_sha256)
-        return TrainedWeights(None, checkpoint["model"], tuple(checkpoint["image_shape"]), checkpoint.get("mean"),
+        # With early stopping the job's model is the best epoch's, kept beside the last epoch's.
+        weights = checkpoint.get("best_model") or checkpoint["model"]
+        return TrainedWeights(None, weights, tuple(checkpoint["image_shape"]), checkpoint.get("mean"),
                               checkpoint.get("std"), None,
                               {"source_job": source.id, "source_checkpoint_epoch": checkpoint["epoch"]})
     loaded = model_registry.load_version(ctx.settings, spec.model_name, spec.model_version)

@@ -146,20 +146,24 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
 
     step_metrics = MetricBuffer(run)
     monitor = run.start_system_metrics()
-    checkpoint_path = ctx.settings.checkpoint_dir / f"job-{job.id}" / f"attempt-{job.attempt}.pt"
+    checkpoint_dir = ctx.settings.checkpoint_dir / f"job-{job.id}"
+    last_checkpoint: Path | None = None
     best = {"value": -1.0, "epoch": 0, "state": None}
     summary: dict[str, Any] = {}
     progress: dict[str, Any] = {}
     start_epoch = 1
     resumed = resume_state(job)
     if resumed is not None:
+        last_checkpoint = Path(job.checkpoint_path)
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(resumed["scheduler"])
         restore_rng(resumed["rng"], generator)
-        best.update(value=resumed["best"]["value"], epoch=resumed["best"]["epoch"])
+        best.update(value=resumed["best"]["value"], epoch=resumed["best"]["epoch"], state=resumed.get("best_model"))
         start_epoch, summary = resumed["epoch"] + 1, dict(resumed["summary"])
+        if "stopped_early_at_epoch" in summary:
+            start_epoch = params.epochs + 1  # the lost attempt had already decided to stop
         progress = {"epoch": resumed["epoch"], "epochs": params.epochs, "batch": 0, "batches": len(train_batches)}
         if resumed["epoch"] not in run.logged_steps("train_loss"):
             # The lost attempt checkpointed this epoch but died before its metrics were written.
@@ -194,31 +198,42 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
             progress = {"epoch": epoch, "epochs": params.epochs, "batch": len(train_batches),
                         "batches": len(train_batches)}
 
-            # Checkpoint first, metrics second: a resumed attempt never logs an epoch twice.
+            patience = params.early_stopping_patience
+            if patience is not None and epoch - best["epoch"] >= patience:
+                summary["stopped_early_at_epoch"] = epoch
+
+            # Checkpoint first, metrics second: a resumed attempt never logs an epoch twice. A new file per
+            # epoch: the one the job row names is never overwritten, even by an attempt fenced off meanwhile.
+            checkpoint_path = checkpoint_dir / f"attempt-{job.attempt}-epoch-{epoch}.pt"
             sha = save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "epoch": epoch, "rng": rng_state(generator), "spec": job.spec, "metrics": epoch_metrics,
                 "summary": summary, "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
-                "best": {"value": best["value"], "epoch": best["epoch"]},
+                "best": {"value": best["value"], "epoch": best["epoch"]}, "best_model": best["state"],
             }, checkpoint_path)
             lease.progress = progress
             if not jobs.record_progress(ctx.db, job.id, job.attempt, progress=progress, metrics=summary,
                                         checkpoint_path=str(checkpoint_path), checkpoint_sha256=sha,
                                         checkpoint_epoch=epoch):
                 lease.lease_lost.set()  # fenced off: another attempt owns the job now; write nothing more
+                checkpoint_path.unlink(missing_ok=True)
                 raise StopRequested
+            if last_checkpoint is not None and last_checkpoint.parent == checkpoint_dir and \
+                    last_checkpoint.name.startswith(f"attempt-{job.attempt}-"):
+                last_checkpoint.unlink(missing_ok=True)  # this attempt's previous epoch: superseded
+            last_checkpoint = checkpoint_path
             for key, value in epoch_metrics.items():
                 step_metrics.add(key, value, epoch)
             step_metrics.commit()
             if splits.task == "segmentation" and (epoch % OVERLAY_EVERY == 0 or epoch == params.epochs):
                 run.log_image_step(sample_overlay(model, splits, data), "sample_predictions", epoch)
 
-            patience = params.early_stopping_patience
-            if patience is not None and epoch - best["epoch"] >= patience:
-                summary["stopped_early_at_epoch"] = epoch
+            if "stopped_early_at_epoch" in summary:
                 break
 
+        if lease.should_stop():  # fenced off or asked to stop after the last epoch: log and register nothing
+            raise StopRequested
         if best["state"] is not None:
             model.load_state_dict(best["state"])  # early stopping keeps the best epoch's weights
         test_batches = batches(splits.test, eval_size, shuffle=False, generator=None, device=device)
@@ -232,8 +247,11 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
         step_metrics.close()
         monitor.finish()
     log_evaluation_artifacts(run, test, "test")
-    run.log_file(checkpoint_path, "checkpoints")
+    if last_checkpoint is not None:
+        run.log_file(last_checkpoint, "checkpoints")
     model_uri = log_model(run, model, spec, data)
+    if lease.should_stop():
+        raise StopRequested
     if spec.register:
         register_model(ctx, job, spec, run, model_uri, summary, data)
     return summary, progress

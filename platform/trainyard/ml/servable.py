@@ -55,14 +55,14 @@ def load_model_files(folder: Path, name: str, version: int) -> LoadedModel:
                                     InputShape(channels, height, width, len(recipe["classes"])),
                                     recipe.get("architecture_options") or {})
         module.load_state_dict(load_file(str(weights_path), device="cpu"), strict=True)
-    except (SafetensorError, ValueError, KeyError, RuntimeError, TrainyardError) as exc:
+        return LoadedModel(
+            name=name, version=version, task=recipe["task"], classes=list(recipe["classes"]),
+            image_shape=(channels, height, width), mean=torch.tensor(recipe["mean"]),
+            std=torch.tensor(recipe["std"]), module=module.eval(), lock=threading.Lock(),
+        )
+    except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError, TrainyardError) as exc:
         raise ModelNotServable(f"{name} version {version} cannot be loaded safely: "
-                               f"{str(exc).splitlines()[0][:300]}") from None
-    return LoadedModel(
-        name=name, version=version, task=recipe["task"], classes=list(recipe["classes"]),
-        image_shape=(channels, height, width), mean=torch.tensor(recipe["mean"]), std=torch.tensor(recipe["std"]),
-        module=module.eval(), lock=threading.Lock(),
-    )
+                               f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
 
 
 def preprocess(model: LoadedModel, files: list[tuple[str, bytes]]) -> torch.Tensor:
