@@ -336,7 +336,7 @@ def make_mixed_folder(root: Path) -> dict[str, list[str]]:
 
 def test_imagefolder_mixed_modes_sizes_names_and_broken_files(tmp_path):
     root = tmp_path / "pets"
-    files = make_mixed_folder(root)
+    make_mixed_folder(root)
     scan = fmt("imagefolder").scan(root)
     assert scan.classes == ["café au lait", "dog", "Ölfass"]  # sorted
     assert scan.num_samples == 24

@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from trainyard.db import upgrade_schema
-from trainyard_web import create_app
-from conftest import make_settings
 
 
 @pytest.fixture

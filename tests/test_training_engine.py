@@ -8,7 +8,6 @@ import io
 import numpy as np
 import pytest
 import skimage.data
-import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 

@@ -21,6 +21,7 @@ import torch
 from trainyard.errors import InvalidSpec
 from trainyard.ml.datasets import DatasetFormat, DatasetScan, ImageSplits, register_format, resize_images
 from trainyard.ml.datasets import _files as F
+from trainyard.ml.datasets import _splits as S
 
 PIXELS = 3 * 32 * 32
 CHUNK_RECORDS = 4096
@@ -123,7 +124,7 @@ def _read(spec: _Spec, path: Path | None, *, keep: bool):
     """(folder, classes, labels of train then test, images likewise or None, train count, fingerprint)."""
     place = _locate(spec, path)
     classes = _class_names(spec, place)
-    fingerprint = F.Fingerprint()
+    fingerprint = S.Fingerprint()
     fingerprint.add_bytes(spec.names_file, (place / spec.names_file).read_bytes())
     files = [*spec.train, spec.test]
     sizes = [_records_in(spec, place / name) for name in files]
@@ -142,7 +143,7 @@ def _read(spec: _Spec, path: Path | None, *, keep: bool):
 def _scan(spec: _Spec, path: Path | None) -> DatasetScan:
     place, classes, labels, _, n_train, fingerprint = _read(spec, path, keep=False)
     n_test = len(labels) - n_train
-    n_val = F.tail_split(n_train)
+    n_val = S.tail_split(n_train)
     counts = np.bincount(labels, minlength=spec.num_classes)
     root = Path(path)  # type: ignore[arg-type]
     return DatasetScan(
@@ -167,12 +168,12 @@ def _scan(spec: _Spec, path: Path | None) -> DatasetScan:
 def _load(spec: _Spec, path: Path | None, image_size: tuple[int, int] | None = None) -> ImageSplits:
     fixed = F.check_image_size(image_size)
     _, classes, labels, images, n_train, _ = _read(spec, path, keep=True)
-    n_val = F.tail_split(n_train)
+    n_val = S.tail_split(n_train)
     x = torch.from_numpy(images)
     if fixed is not None and fixed != (32, 32):
         x = resize_images(x, fixed)
     counts = {"train": n_train - n_val, "val": n_val, "test": len(x) - n_train}
-    return F.build_splits("classification", x, labels, counts, classes)
+    return S.build_splits("classification", x, labels, counts, classes)
 
 
 for _spec in SPECS.values():

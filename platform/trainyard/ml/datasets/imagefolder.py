@@ -15,6 +15,7 @@ import numpy as np
 from trainyard.errors import InvalidSpec
 from trainyard.ml.datasets import DatasetFormat, DatasetScan, ImageSplits, register_format
 from trainyard.ml.datasets import _files as F
+from trainyard.ml.datasets import _splits as S
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _plan(listing: _Listing, readable: list[int], sizes: list[tuple[int, int]], 
         )
     index = {name: i for i, name in enumerate(classes)}
     labels = [index[c.class_name] for c in cands]
-    parts, source = F.assign_splits(labels, [c.split for c in cands], classes, listing.folders)
+    parts, source = S.assign_splits(labels, [c.split for c in cands], classes, listing.folders)
     if len(parts["train"]) == 0:
         raise InvalidSpec("The imagefolder dataset's train split has no readable images.")
     size, rule = F.canonical_size(sizes)
@@ -113,7 +114,7 @@ def _plan(listing: _Listing, readable: list[int], sizes: list[tuple[int, int]], 
 
 def _scan(path: Path | None) -> DatasetScan:
     listing = _discover(path)
-    fingerprint = F.Fingerprint()
+    fingerprint = S.Fingerprint()
     readable: list[int] = []
     sizes: list[tuple[int, int]] = []
     modes: list[str] = []
@@ -179,15 +180,15 @@ def _load(path: Path | None, image_size: tuple[int, int] | None = None) -> Image
     def choose(infos):
         return F.canonical_size([i[0] for i in infos])[0], F.channels_for(i[1] for i in infos)
 
-    decoded = F.decode_all(listing.candidates, probe, decode, choose, fixed)
+    decoded = S.decode_all(listing.candidates, probe, decode, choose, fixed)
     plan = _plan(listing, decoded.ok, [n[0] for n in decoded.natives], [n[1] for n in decoded.natives],
                  len(listing.candidates) - len(decoded.ok), fixed)
     assert (plan.size, plan.channels) == (decoded.size, decoded.channels)
-    order, counts = F.split_order(plan.parts)
+    order, counts = S.split_order(plan.parts)
     images = decoded.arrays[0]
-    F.permute_rows(images, order)
+    S.permute_rows(images, order)
     labels = np.asarray(plan.labels, dtype=np.int64)[order]
-    return F.build_splits("classification", images, labels, counts, plan.classes)
+    return S.build_splits("classification", images, labels, counts, plan.classes)
 
 
 register_format(DatasetFormat(

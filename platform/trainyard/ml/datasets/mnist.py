@@ -17,6 +17,7 @@ import torch
 from trainyard.errors import InvalidSpec
 from trainyard.ml.datasets import DatasetFormat, DatasetScan, ImageSplits, register_format, resize_images
 from trainyard.ml.datasets import _files as F
+from trainyard.ml.datasets import _splits as S
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -144,13 +145,13 @@ def _classes(fmt: str) -> list[str]:
 
 def _scan(fmt: str, path: Path | None) -> DatasetScan:
     files, out = _read_all(path, fmt, keep_images=False)
-    fingerprint = F.Fingerprint()
+    fingerprint = S.Fingerprint()
     for role, (name, _) in FILES.items():
         fingerprint.add_digest(name, out[role][1])  # content, whether stored gzipped or not
     n_train = out["train_images"][0][0]
     n_test = out["test_images"][0][0]
     _, rows, cols = out["train_images"][0]
-    n_val = F.tail_split(n_train)
+    n_val = S.tail_split(n_train)
     labels = np.concatenate([out["train_labels"][2], out["test_labels"][2]])
     counts = np.bincount(labels, minlength=10)
     classes = _classes(fmt)
@@ -180,12 +181,12 @@ def _load(fmt: str, path: Path | None, image_size: tuple[int, int] | None = None
     images = np.concatenate([out["train_images"][2], out["test_images"][2]])[:, None]
     labels = np.concatenate([out["train_labels"][2], out["test_labels"][2]]).astype(np.int64)
     n_train = out["train_images"][0][0]
-    n_val = F.tail_split(n_train)
+    n_val = S.tail_split(n_train)
     x = torch.from_numpy(images)
     if fixed is not None and fixed != tuple(x.shape[2:]):
         x = resize_images(x, fixed)
     counts = {"train": n_train - n_val, "val": n_val, "test": len(images) - n_train}
-    return F.build_splits("classification", x, labels, counts, _classes(fmt))
+    return S.build_splits("classification", x, labels, counts, _classes(fmt))
 
 
 for _fmt, _what in (("mnist", "MNIST handwritten digits"), ("fashion-mnist", "Fashion-MNIST clothing")):

@@ -17,6 +17,7 @@ import numpy as np
 from trainyard.errors import InvalidSpec
 from trainyard.ml.datasets import DatasetFormat, DatasetScan, ImageSplits, register_format
 from trainyard.ml.datasets import _files as F
+from trainyard.ml.datasets import _splits as S
 
 SIZE_MULTIPLE = 16  # segmentation networks halve the size four times
 MASK_EXTENSIONS = frozenset({".png", ".bmp", ".gif", ".tif", ".tiff"})  # lossless only
@@ -173,7 +174,7 @@ def _plan(listing: _Listing, labels_seen: list[int], split_of: list[str | None],
         if len(classes) < 2:
             raise InvalidSpec("Every mask of the segmentation dataset is 0 (one class); segmentation needs at "
                               "least 2 classes (mask pixel value = class index).")
-    parts, source = F.assign_splits([0] * len(sizes), split_of, ["all"], listing.folders)
+    parts, source = S.assign_splits([0] * len(sizes), split_of, ["all"], listing.folders)
     source = source.replace("stratified by class, ", "")
     if len(parts["train"]) == 0:
         raise InvalidSpec("The segmentation dataset's train split has no usable image/mask pairs.")
@@ -183,7 +184,7 @@ def _plan(listing: _Listing, labels_seen: list[int], split_of: list[str | None],
 
 def _scan(path: Path | None) -> DatasetScan:
     listing = _discover(path)
-    fingerprint = F.Fingerprint()
+    fingerprint = S.Fingerprint()
     if listing.classes_txt is not None:
         fingerprint.add_bytes("classes.txt", listing.classes_txt.read_bytes())
     unreadable = list(listing.problems)
@@ -273,17 +274,17 @@ def _load(path: Path | None, image_size: tuple[int, int] | None = None) -> Image
         return (F.canonical_size([i[0] for i in infos], multiple=SIZE_MULTIPLE)[0],
                 F.channels_for(i[1] for i in infos))
 
-    decoded = F.decode_all(listing.pairs, probe, decode, choose, fixed)
+    decoded = S.decode_all(listing.pairs, probe, decode, choose, fixed)
     natives = decoded.natives
     classes, parts, _, size, channels, _ = _plan(
         listing, [max((n[2] for n in natives), default=0)], [listing.pairs[i].split for i in decoded.ok],
         [n[0] for n in natives], [n[1] for n in natives], len(listing.pairs) - len(decoded.ok))
     assert (fixed or size, channels) == (decoded.size, decoded.channels)
-    order, counts = F.split_order(parts)
+    order, counts = S.split_order(parts)
     images, masks = decoded.arrays
-    F.permute_rows(images, order)
-    F.permute_rows(masks, order)
-    return F.build_splits("segmentation", images, masks, counts, classes)
+    S.permute_rows(images, order)
+    S.permute_rows(masks, order)
+    return S.build_splits("segmentation", images, masks, counts, classes)
 
 
 register_format(DatasetFormat(

@@ -18,6 +18,7 @@ import torch
 
 from trainyard.ml.datasets import DatasetFormat, DatasetScan, ImageSplits, register_format, resize_images
 from trainyard.ml.datasets import _files as F
+from trainyard.ml.datasets import _splits as S
 
 SEED = 20240917
 SIZE = 64
@@ -145,7 +146,7 @@ def _load(_path: Path | None, image_size: tuple[int, int] | None = None) -> Imag
     if fixed is not None and fixed != (SIZE, SIZE):
         x = resize_images(x, fixed)
         y = F.resize_mask(y, fixed)
-    return F.build_splits("segmentation", x, np.ascontiguousarray(y), dict(SPLIT_COUNTS), list(CLASSES))
+    return S.build_splits("segmentation", x, np.ascontiguousarray(y), dict(SPLIT_COUNTS), list(CLASSES))
 
 
 register_format(DatasetFormat(
