@@ -106,7 +106,7 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
             return load_file(str(path), device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        # torch's own message suggests weights_only=False, which would run the file's code: don't relay it.
+        # torch's own message suggests switching weights-only loading off, which would run the file's code.
         raise InvalidSpec(
             f"Weights file {path.name!r} is not a weights-only torch file: it holds objects other than tensors, "
             "which could run code when loaded, so it was refused. Save torch.save(model.state_dict(), path) "
