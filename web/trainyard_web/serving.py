@@ -58,7 +58,11 @@ class ModelServer:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            loaded = model_registry.load_version(self.settings, name, version)
+            try:
+                loaded = model_registry.load_version(self.settings, name, version)
+            finally:
+                with self._lock:  # no lock kept per version asked for, or unknown versions would pile up
+                    self._loading.pop(key, None)
             with self._lock:
                 self._models[key] = loaded
                 while len(self._models) > MAX_LOADED_MODELS:
