@@ -4,6 +4,7 @@ MLflow stores under a temporary folder, and Celery worker processes."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 import redis
 
+from trainyard import auth
 from trainyard.config import Settings
 from trainyard.db import Database, upgrade_schema
 from trainyard_web import create_app
@@ -114,12 +116,48 @@ def web_settings(tmp_path, redis_broker_url) -> Settings:
     return settings
 
 
+def make_token(settings: Settings, role: str = "admin", user: str = "admin") -> str:
+    """A real API token with `role`, stored in the settings' platform database."""
+    db = Database(settings.database_url)
+    try:
+        return auth.create_token(db, user=user, role=role, created_by="tests")[1]
+    finally:
+        db.dispose()
+
+
+def authed_client(app, role: str = "admin", user: str = "admin"):
+    """A test client of `app` that sends a fresh token of `role` with every request."""
+    settings = app.extensions["trainyard"].settings
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {make_token(settings, role, user)}"
+    return client
+
+
+def ui_login(client, token: str | None = None):
+    """Log `client` in to the web UI through the login form (CSRF token included), as a browser would."""
+    token = token or client.environ_base["HTTP_AUTHORIZATION"].removeprefix("Bearer ")
+    page = client.get("/login").get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page).group(1)
+    return client.post("/login", data={"token": token, "csrf_token": csrf})
+
+
 @pytest.fixture
-def web_client(web_settings):
-    """Flask's test client on the real web app for `web_settings`."""
+def web_app(web_settings):
     app = create_app(web_settings)
     app.testing = True
-    return app.test_client()
+    return app
+
+
+@pytest.fixture
+def web_client(web_app):
+    """Flask's test client on the real web app for `web_settings`, as an admin."""
+    return authed_client(web_app)
+
+
+@pytest.fixture
+def anonymous_client(web_app):
+    """The same app's test client with no token."""
+    return web_app.test_client()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from trainyard.db import Database, upgrade_schema
 from trainyard.models import Job, JobEvent
 from trainyard_web import create_app
-from conftest import make_settings, redis_queue_messages
+from conftest import authed_client, make_settings, redis_queue_messages, ui_login
 
 GOOD = {"kind": "train", "dataset": "digits", "architecture": "cnn", "params": {"epochs": 3}}
 
@@ -169,7 +169,7 @@ def test_health_reports_each_dependency(client):
 def test_health_degrades_when_the_broker_is_unreachable(tmp_path):
     settings = make_settings(tmp_path, broker_url="redis://127.0.0.1:1/0")
     upgrade_schema(settings.database_url)
-    client = create_app(settings).test_client()
+    client = authed_client(create_app(settings))
     response = client.get("/api/v1/health")
     assert response.status_code == 503
     body = response.get_json()
@@ -179,7 +179,7 @@ def test_health_degrades_when_the_broker_is_unreachable(tmp_path):
 def test_submit_with_broker_down_says_so_and_leaves_no_silent_job(tmp_path):
     settings = make_settings(tmp_path, broker_url="redis://127.0.0.1:1/0")
     upgrade_schema(settings.database_url)
-    client = create_app(settings).test_client()
+    client = authed_client(create_app(settings))
     response = client.post("/api/v1/jobs", json=GOOD)
     assert response.status_code == 503
     assert response.content_type == "application/problem+json"
@@ -202,6 +202,8 @@ def test_openapi_document_is_generated_from_the_job_schema(client):
 
 def test_jobs_page_lists_jobs(client):
     job = client.post("/api/v1/jobs", json=GOOD).get_json()
+    assert client.get("/").status_code == 302  # the UI wants its own login, not the API token
+    assert ui_login(client).status_code == 302
     page = client.get("/")
     assert page.status_code == 200
     assert f'href="/jobs/{job["id"]}"' in page.get_data(as_text=True)

@@ -18,7 +18,7 @@ from werkzeug.serving import make_server
 from trainyard.cli import app as cli
 from trainyard.db import upgrade_schema
 from trainyard_web import create_app
-from conftest import ROOT, make_settings
+from conftest import ROOT, make_settings, make_token
 
 
 @pytest.fixture
@@ -28,7 +28,8 @@ def live(tmp_path):
     server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    env = {"TRAINYARD_API_URL": f"http://127.0.0.1:{server.server_port}", "TRAINYARD_DATA_DIR": str(tmp_path / "cli")}
+    env = {"TRAINYARD_API_URL": f"http://127.0.0.1:{server.server_port}", "TRAINYARD_DATA_DIR": str(tmp_path / "cli"),
+           "TRAINYARD_TOKEN": make_token(settings)}
     yield settings, env
     server.shutdown()
 

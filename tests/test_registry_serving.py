@@ -22,7 +22,7 @@ from PIL import Image
 from trainyard.db import upgrade_schema
 from trainyard.ml.datasets import FORMATS
 from trainyard_web import create_app
-from conftest import ROOT, WorkerProcess, claimed_redis_database, make_settings, wait_for_job
+from conftest import ROOT, WorkerProcess, claimed_redis_database, make_settings, wait_for_job, authed_client, make_token
 
 MODEL = "digits-cnn"
 
@@ -41,7 +41,7 @@ def _platform(tmp_path_factory, broker_url):
     settings = make_settings(tmp, broker_url=broker_url)
     upgrade_schema(settings.database_url)
     app = create_app(settings)
-    client = app.test_client()
+    client = authed_client(app)
     worker = WorkerProcess(settings, tmp / "worker.log")
     worker.wait_ready()
     jobs = {}
@@ -104,10 +104,13 @@ def version_of(jobs, label: str, client) -> int:
 
 
 def test_promotion_guard_audit_and_rollback(platform):
-    _, client, jobs = platform
+    settings, client, jobs = platform
     weak, strong = version_of(jobs, "weak", client), version_of(jobs, "strong", client)
-    headers = {"X-Trainyard-User": "ada"}
+    headers = {"Authorization": f"Bearer {make_token(settings, 'member', 'ada')}"}  # a member moves staging
     assert client.put(f"/api/v1/models/{MODEL}/aliases/staging", json={"version": weak}, headers=headers).status_code == 200
+    # ... but only an admin moves production
+    refused = client.put(f"/api/v1/models/{MODEL}/aliases/production", json={"version": weak}, headers=headers)
+    assert refused.status_code == 403 and "admin" in refused.get_json()["detail"]
     assert client.put(f"/api/v1/models/{MODEL}/aliases/staging", json={"version": strong}).status_code == 200
     refused = client.put(f"/api/v1/models/{MODEL}/aliases/staging", json={"version": weak})
     assert refused.status_code == 409 and "worse" in refused.get_json()["detail"]

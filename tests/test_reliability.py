@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from trainyard.db import upgrade_schema
 from trainyard_web import create_app
-from conftest import WorkerProcess, make_settings, wait_for_job
+from conftest import WorkerProcess, make_settings, wait_for_job, authed_client
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def platform(tmp_path, postgres, redis_broker_url):
             process.wait_ready()
         return process
 
-    yield settings, create_app(settings).test_client(), start
+    yield settings, authed_client(create_app(settings)), start
     for process in processes:
         process.stop()
 

@@ -14,7 +14,7 @@ from trainyard.ml.datasets import FORMATS
 from trainyard.queueing import CeleryDispatch
 from trainyard.tracking import JOB_ID_TAG
 from trainyard_web import create_app
-from conftest import make_settings, wait_for_job
+from conftest import make_settings, wait_for_job, authed_client
 
 
 @pytest.fixture(params=["sqlite+sqla-broker", "postgres+redis"])
@@ -31,7 +31,7 @@ def settings(request, tmp_path):
 
 @pytest.fixture
 def client(settings):
-    return create_app(settings).test_client()
+    return authed_client(create_app(settings))
 
 
 def test_job_trains_to_success_and_mlflow_holds_the_run(settings, client, start_worker):

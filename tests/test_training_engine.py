@@ -14,7 +14,7 @@ from PIL import Image
 from trainyard.db import upgrade_schema
 from trainyard_workers.checkpoints import load_checkpoint
 from trainyard_web import create_app
-from conftest import WorkerProcess, make_settings, wait_for_job
+from conftest import WorkerProcess, make_settings, wait_for_job, authed_client
 
 pytestmark = pytest.mark.slow
 ENDED = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -25,7 +25,7 @@ def platform(tmp_path_factory, postgres):
     tmp = tmp_path_factory.mktemp("engine")
     settings = make_settings(tmp, database_url=postgres.create())
     upgrade_schema(settings.database_url)
-    client = create_app(settings).test_client()
+    client = authed_client(create_app(settings))
     worker = WorkerProcess(settings, tmp / "worker.log")
     worker.wait_ready()
     yield settings, client, worker

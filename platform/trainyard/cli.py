@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from trainyard.api_client import request
+from trainyard.cli_tokens import admin_token, tokens_app
 from trainyard.config import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Trainyard: train and serve image models.")
@@ -25,6 +27,8 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Registered datasets.")
 app.add_typer(datasets_app, name="datasets")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry: versions, aliases, promotion.")
 app.add_typer(models_app, name="models")
+app.add_typer(tokens_app, name="tokens")
+app.command("admin-token")(admin_token)
 console = Console()
 err = Console(stderr=True)
 
@@ -115,28 +119,7 @@ def up() -> None:
 # ---- using the platform over REST -------------------------------------------------------------------
 
 
-def _client(settings: Settings) -> httpx.Client:
-    return httpx.Client(base_url=settings.api_url.rstrip("/") + "/api/v1", timeout=30)
-
-
-def _request(method: str, path: str, **kwargs: Any) -> Any:
-    settings = Settings()
-    headers = {"X-Trainyard-User": os.environ.get("USER") or os.environ.get("LOGNAME") or "cli"}
-    try:
-        with _client(settings) as client:
-            response = client.request(method, path, headers=headers, **kwargs)
-    except httpx.HTTPError as exc:
-        err.print(f"[red]cannot reach Trainyard at {settings.api_url}[/]: {exc} (is `trainyard up` running? "
-                  "TRAINYARD_API_URL points elsewhere)")
-        raise typer.Exit(2) from None
-    if response.is_error:
-        try:
-            problem = response.json()
-            err.print(f"[red]{problem.get('title', 'error')}[/] ({response.status_code}): {problem.get('detail', '')}")
-        except ValueError:
-            err.print(f"[red]HTTP {response.status_code}[/]: {response.text[:500]}")
-        raise typer.Exit(1)
-    return response.json()
+_request = request
 
 
 def _parse_value(raw: str) -> Any:

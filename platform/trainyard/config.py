@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -37,12 +37,36 @@ class Settings(BaseSettings):
     mlflow_port: int = Field(5000, ge=1, le=65535)
     web_workers: int = Field(2, ge=1, le=64)
     api_url: str = ""
+    # The CLI's token; if unset it falls back to <data dir>/admin-token when that file is readable.
+    token: SecretStr | None = None
+
+    # Security. The session-signing key defaults to a random one kept in <data dir>/secret-key; set it
+    # when web processes run on several hosts.
+    secret_key: SecretStr | None = None
+    proxy_hops: int = Field(0, ge=0, le=5, description="reverse proxies in front of the web app")
+    rate_limit_storage_uri: str = Field("memory://", description="e.g. redis://… to share limits")
+    login_rate_limit: str = "10/minute"
+    predict_rate_limit: str = "600/minute"
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1024, description="a dataset archive's size")
+    max_unpacked_bytes: int = Field(8 * 1024**3, ge=1024, description="what an archive may unpack to")
+    max_unpacked_files: int = Field(200_000, ge=1)
 
     queue: str = "training"
     lease_seconds: float = Field(60.0, gt=0)
     heartbeat_seconds: float = Field(2.0, gt=0)
     reconcile_seconds: float = Field(10.0, gt=0, description="how often lost jobs are looked for")
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (one per core)")
+
+    @field_validator("login_rate_limit", "predict_rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '10/minute': {exc}") from None
+        return value
 
     @field_validator("dataset_roots", mode="before")
     @classmethod
@@ -72,6 +96,10 @@ class Settings(BaseSettings):
         if not self.api_url:
             self.api_url = f"http://{self.host}:{self.port}"
         return self
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"
 
     def ensure_data_dir(self) -> Path:
         """Create the data directory (the embedded stores live there) and return it."""

@@ -42,3 +42,13 @@ class SchemaOutOfDate(TrainyardError):
 
     status = 503
     title = "Database schema out of date"
+
+
+class Unauthorized(TrainyardError):
+    status = 401
+    title = "Authentication required"
+
+
+class Forbidden(TrainyardError):
+    status = 403
+    title = "Forbidden"

@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from trainyard.auth import Principal
 from trainyard.config import Settings
 from trainyard.db import Database
-from trainyard.errors import Conflict, NotFound, ServiceUnavailable
+from trainyard.errors import Conflict, Forbidden, NotFound, ServiceUnavailable
 from trainyard.models import Job, JobEvent, JobStatus, to_view, utcnow
 from trainyard.spec_checks import checked_spec, default_name
 from trainyard.specs import JobSpec
@@ -62,6 +63,7 @@ class JobView:
     checkpoint_epoch: int | None
     model_name: str | None
     model_version: int | None
+    owner: str | None
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -123,7 +125,8 @@ def _transition(
     return True
 
 
-def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Settings) -> JobView:
+def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Settings,
+               owner: str | None = None) -> JobView:
     """Check the spec, store a QUEUED job and its first event in one transaction, then send its id to the broker."""
     spec = checked_spec(db, spec, settings)
     with db.session_scope() as s:
@@ -141,10 +144,12 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
             cancel_requested=False,
             progress={"epoch": 0, "epochs": spec.params.epochs if spec.kind == "train" else 0},
             metrics={},
+            owner=owner,
         )
         s.add(job)
         s.flush()
-        s.add(JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.QUEUED, attempt=0, message="submitted"))
+        s.add(JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.QUEUED, attempt=0,
+                       message=f"submitted by {owner}" if owner else "submitted"))
         job_id = job.id
 
     try:
@@ -255,6 +260,21 @@ def record_progress(
         return result.rowcount == 1
 
 
+def note_event(db: Database, job_id: int, attempt: int, message: str) -> bool:
+    """Add a note to a running attempt's history (e.g. "fell back to an older checkpoint").
+
+    False if the attempt no longer runs.
+    """
+    with db.session_scope() as s:
+        running = s.scalar(select(Job.id).where(Job.id == job_id, Job.status == JobStatus.RUNNING,
+                                                Job.attempt == attempt))
+        if running is None:
+            return False
+        s.add(JobEvent(job_id=job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.RUNNING,
+                       attempt=attempt, message=message))
+    return True
+
+
 def _end_running(db: Database, job_id: int, attempt: int, to: JobStatus, message: str, **values: Any) -> bool:
     with db.session_scope() as s:
         return _transition(
@@ -275,13 +295,16 @@ def mark_cancelled(db: Database, job_id: int, attempt: int) -> bool:
     return _end_running(db, job_id, attempt, JobStatus.CANCELLED, "cancelled by request")
 
 
-def retry_job(db: Database, job_id: int, dispatch: Dispatch) -> JobView:
-    """Queue a FAILED or CANCELLED job again as a new attempt; it resumes from its last checkpoint."""
+def retry_job(db: Database, job_id: int, dispatch: Dispatch, *, actor: Principal | None = None) -> JobView:
+    """Queue a FAILED or CANCELLED job again as a new attempt; it resumes from its last checkpoint.
+
+    With an `actor`, only the job's owner or an admin may retry it."""
     get_job(db, job_id)  # 404 for an id that cannot exist
     with db.session_scope() as s:
         row = s.get(Job, job_id)
         if row is None:
             raise NotFound(f"No job with id {job_id}.")
+        _check_owner(actor, row, "retry")
         status = JobStatus(row.status)
         if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise Conflict(f"Job {job_id} is {status}; only a FAILED or CANCELLED job can be retried.")
@@ -381,14 +404,17 @@ def requeue_lost_jobs(db: Database, dispatch: Dispatch, now: datetime | None = N
     return [job_id for job_id, queue, priority in rows.values() if _send(dispatch, job_id, queue, priority)]
 
 
-def request_cancel(db: Database, job_id: int) -> JobView:
-    """Cancel a queued job at once; flag a running one, which stops within a batch of seeing the flag."""
+def request_cancel(db: Database, job_id: int, *, actor: Principal | None = None) -> JobView:
+    """Cancel a queued job at once; flag a running one, which stops within a batch of seeing the flag.
+
+    With an `actor`, only the job's owner or an admin may cancel it."""
     get_job(db, job_id)  # 404 for an id that cannot exist
     for _ in range(3):  # the job may move between our read and our write; re-read and decide again
         with db.session_scope() as s:
             row = s.get(Job, job_id)
             if row is None:
                 raise NotFound(f"No job with id {job_id}.")
+            _check_owner(actor, row, "cancel")
             status = JobStatus(row.status)
             if status.is_terminal:
                 raise Conflict(f"Job {job_id} is already {status}; there is nothing to cancel.")
@@ -411,3 +437,9 @@ def request_cancel(db: Database, job_id: int) -> JobView:
             if done:
                 break
     return get_job(db, job_id)
+
+
+def _check_owner(actor: Principal | None, row: Job, doing: str) -> None:
+    if actor is not None and not actor.may_act_for(row.owner):
+        whose = f"{row.owner}'s" if row.owner else "a job with no owner"
+        raise Forbidden(f"Job {row.id} is {whose}; only its owner or an admin may {doing} it.")

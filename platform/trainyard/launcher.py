@@ -9,6 +9,7 @@ import time
 import httpx
 from rich.console import Console
 
+from trainyard.auth import bootstrap_admin_token
 from trainyard.config import Settings
 from trainyard.datasets import ensure_builtin_datasets
 from trainyard.db import Database, upgrade_schema
@@ -48,7 +49,7 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
     embedded_mlflow = not settings.mlflow_tracking_uri.startswith(("http://", "https://"))
     wanted = [("web", settings.host, settings.port, "TRAINYARD_PORT")]
     if embedded_mlflow:
-        wanted.append(("MLflow UI", settings.mlflow_host, settings.mlflow_port, "TRAINYARD_MLFLOW_PORT"))
+        wanted.append(("MLflow UI", "127.0.0.1", settings.mlflow_port, "TRAINYARD_MLFLOW_PORT"))
     for what, host, port, variable in wanted:
         if not _port_free(host, port):
             console.print(f"[red]{host}:{port} is in use[/]; stop what holds it or set {variable} for the {what}.")
@@ -59,6 +60,7 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
     db = Database(settings.database_url)
     try:
         ensure_builtin_datasets(db)
+        admin_secret = bootstrap_admin_token(db, settings.admin_token_path)
     finally:
         db.dispose()
     prepare_tracking_store(settings)
@@ -71,7 +73,8 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
                 sys.executable, "-m", "mlflow", "server",
                 "--backend-store-uri", settings.mlflow_tracking_uri,
                 "--default-artifact-root", settings.mlflow_artifact_root,
-                "--host", settings.mlflow_host, "--port", str(settings.mlflow_port), "--workers", "1",
+                # The MLflow UI has no login of its own: it stays on this machine whatever TRAINYARD_HOST says.
+                "--host", "127.0.0.1", "--port", str(settings.mlflow_port), "--workers", "1",
             ], env)
         group.start("worker", [sys.executable, "-m", "trainyard_workers", "pool"], env)
         group.start("reconciler", [sys.executable, "-m", "trainyard_workers", "reconciler"], env)
@@ -82,7 +85,7 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
         ], env)
 
         web_url = f"http://{settings.host}:{settings.port}"
-        mlflow_url = f"http://{settings.mlflow_host}:{settings.mlflow_port}" if embedded_mlflow else None
+        mlflow_url = f"http://127.0.0.1:{settings.mlflow_port}" if embedded_mlflow else None
         checks = [f"{web_url}/api/v1/health"] + ([f"{mlflow_url}/health"] if mlflow_url else [])
         if not _wait_ready(group, checks, ready_timeout, console):
             return 1
@@ -93,6 +96,12 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
                       f"  broker   {settings.broker_url}\n"
                       f"  workers  one per GPU, or one on the CPU (python -m trainyard_workers pool)\n"
                       f"Press Ctrl-C to stop.", soft_wrap=True)
+        if admin_secret:
+            console.print(f"[bold]admin token[/] (shown once; also in {settings.admin_token_path}, mode 0600):\n"
+                          f"  {admin_secret}\n"
+                          f"Log in to the web UI with it; the CLI on this machine finds it by itself.", soft_wrap=True)
+        else:
+            console.print(f"admin token: in {settings.admin_token_path}", soft_wrap=True)
         exited = group.wait()
         if exited is not None:
             console.print(f"[red]{exited.name} exited with code {exited.process.returncode}; stopping the rest[/]")

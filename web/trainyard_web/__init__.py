@@ -14,7 +14,9 @@ from trainyard_web.models_api import registry_api, serving_api
 from trainyard_web.problems import register_problem_handlers
 from trainyard_web.runtime import EXTENSION_KEY, Platform
 from trainyard_web.serving import ModelServer
+from trainyard_web.tokens_api import tokens_api
 from trainyard_web.ui import ui
+from trainyard_web import security
 
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # prediction uploads; anything larger is a 413 problem response
@@ -45,12 +47,30 @@ def create_app(settings: Settings | None = None, *, serving_only: bool = False) 
     app.extensions[EXTENSION_KEY] = Platform(settings=settings, db=db, dispatch=CeleryDispatch(settings),
                                              models=ModelServer(settings))
     register_problem_handlers(app)
+    limiter = security.install(app, body_limits={
+        "serving.predict": MAX_REQUEST_BYTES,
+        "api.upload_dataset": settings.max_upload_bytes,
+    })
+    security.document(app)
     app.register_blueprint(serving_api)
     if not serving_only:
         app.register_blueprint(api)
         app.register_blueprint(registry_api)
+        app.register_blueprint(tokens_api)
         app.register_blueprint(ui)
+    _apply_rate_limits(app, limiter, settings)
     return app
+
+
+def _apply_rate_limits(app: APIFlask, limiter, settings: Settings) -> None:
+    limits = {
+        "ui.login": (settings.login_rate_limit, None),  # per client address
+        "serving.predict": (settings.predict_rate_limit, security.rate_key_by_caller),
+    }
+    for endpoint, (value, key_func) in limits.items():
+        if endpoint in app.view_functions:
+            app.view_functions[endpoint] = limiter.limit(value, key_func=key_func,
+                                                         methods=["POST"])(app.view_functions[endpoint])
 
 
 def create_serving_app(settings: Settings | None = None) -> APIFlask:

@@ -6,9 +6,11 @@ from apiflask import APIBlueprint
 from flask import url_for
 
 from trainyard import datasets, jobs
+from trainyard.auth import Role
 from trainyard.ml.architectures import ARCHITECTURES
 from trainyard.specs import JobSpec
 from trainyard_web.runtime import platform
+from trainyard_web.security import current_principal, requires
 from trainyard_web.schemas import (
     ArchitectureListOut,
     ArchitectureOut,
@@ -28,9 +30,10 @@ api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Trainyard")
 @api.input(JobSpec, location="json", arg_name="spec")
 @api.output(JobOut, status_code=201)
 @api.doc(summary="Submit a job", responses=[201, 404, 409, 422, 503])
+@requires(Role.MEMBER)
 def submit_job(spec: JobSpec):
     p = platform()
-    job = jobs.submit_job(p.db, spec, p.dispatch, settings=p.settings)
+    job = jobs.submit_job(p.db, spec, p.dispatch, settings=p.settings, owner=current_principal().user)
     return JobOut.model_validate(job), 201, {"Location": url_for("api.get_job", job_id=job.id)}
 
 
@@ -38,6 +41,7 @@ def submit_job(spec: JobSpec):
 @api.input(JobListQuery, location="query", arg_name="query")
 @api.output(JobPageOut)
 @api.doc(summary="List jobs, newest first")
+@requires(Role.VIEWER)
 def list_jobs(query: JobListQuery):
     page = jobs.list_jobs(platform().db, statuses=query.statuses, limit=query.limit, before=query.before)
     return JobPageOut(items=[JobOut.model_validate(j) for j in page.items], next_before=page.next_before)
@@ -46,6 +50,7 @@ def list_jobs(query: JobListQuery):
 @api.get("/jobs/<int:job_id>")
 @api.output(JobOut)
 @api.doc(summary="A job with its progress, metrics and event history", responses=[200, 404])
+@requires(Role.VIEWER)
 def get_job(job_id: int):
     return JobOut.model_validate(jobs.get_job(platform().db, job_id))
 
@@ -53,22 +58,25 @@ def get_job(job_id: int):
 @api.post("/jobs/<int:job_id>/cancel")
 @api.output(JobOut, status_code=202)
 @api.doc(summary="Cancel a job (at once if queued, within a batch if running)", responses=[202, 404, 409])
+@requires(Role.MEMBER)
 def cancel_job(job_id: int):
-    return JobOut.model_validate(jobs.request_cancel(platform().db, job_id)), 202
+    return JobOut.model_validate(jobs.request_cancel(platform().db, job_id, actor=current_principal())), 202
 
 
 @api.post("/jobs/<int:job_id>/retry")
 @api.output(JobOut, status_code=202)
 @api.doc(summary="Run a FAILED or CANCELLED job again as a new attempt, from its last checkpoint",
          responses=[202, 404, 409])
+@requires(Role.MEMBER)
 def retry_job(job_id: int):
     p = platform()
-    return JobOut.model_validate(jobs.retry_job(p.db, job_id, p.dispatch)), 202
+    return JobOut.model_validate(jobs.retry_job(p.db, job_id, p.dispatch, actor=current_principal())), 202
 
 
 @api.get("/datasets")
 @api.output(DatasetListOut)
 @api.doc(summary="Registered datasets")
+@requires(Role.VIEWER)
 def list_datasets():
     return DatasetListOut(items=[DatasetOut.model_validate(d) for d in datasets.list_datasets(platform().db)])
 
@@ -78,6 +86,7 @@ def list_datasets():
 @api.output(DatasetOut, status_code=201)
 @api.doc(summary="Register a dataset folder (scanned now; the report is in the response)",
          responses=[201, 409, 422])
+@requires(Role.MEMBER)
 def register_dataset(body: DatasetIn):
     p = platform()
     dataset = datasets.register_dataset(p.db, p.settings.dataset_roots, name=body.name, format=body.format,
@@ -88,6 +97,7 @@ def register_dataset(body: DatasetIn):
 @api.get("/datasets/<name>")
 @api.output(DatasetOut)
 @api.doc(summary="One registered dataset with its scan report", responses=[200, 404])
+@requires(Role.VIEWER)
 def get_dataset(name: str):
     return DatasetOut.model_validate(datasets.get_dataset(platform().db, name))
 
@@ -95,6 +105,7 @@ def get_dataset(name: str):
 @api.get("/architectures")
 @api.output(ArchitectureListOut)
 @api.doc(summary="Registered architectures")
+@requires(Role.VIEWER)
 def list_architectures():
     return ArchitectureListOut(
         items=[

@@ -9,9 +9,11 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import request
 
-from trainyard import model_registry
+from trainyard import auth, model_registry
+from trainyard.auth import Role
 from trainyard.errors import InvalidSpec
 from trainyard_web.runtime import platform
+from trainyard_web.security import current_principal, requires
 from trainyard_web.schemas import (
     AliasEventListOut,
     AliasEventOut,
@@ -26,11 +28,6 @@ from trainyard_web.schemas import (
 
 registry_api = APIBlueprint("models", __name__, url_prefix="/api/v1", tag="Models")
 serving_api = APIBlueprint("serving", __name__, url_prefix="/api/v1", tag="Serving")
-
-
-def _actor() -> str:
-    # Until the platform authenticates users, the caller says who they are (the CLI sends $USER).
-    return request.headers.get("X-Trainyard-User", "anonymous")[:200] or "anonymous"
 
 
 def _links(name: str, version: int | None = None, run_id: str | None = None) -> dict[str, str]:
@@ -49,6 +46,7 @@ def _version_out(v: model_registry.ModelVersionView) -> ModelVersionOut:
 @registry_api.get("/models")
 @registry_api.output(ModelListOut)
 @registry_api.doc(summary="Registered models with their latest version and aliases")
+@requires(Role.VIEWER)
 def list_models():
     models = model_registry.list_models(platform().settings)
     return ModelListOut(items=[ModelOut.model_validate(m).model_copy(update={"links": _links(m.name)})
@@ -58,6 +56,7 @@ def list_models():
 @registry_api.get("/models/<name>")
 @registry_api.output(ModelDetailOut)
 @registry_api.doc(summary="A registered model with every version", responses=[200, 404])
+@requires(Role.VIEWER)
 def get_model(name: str):
     model, versions = model_registry.get_model(platform().settings, name)
     return ModelDetailOut(**{**ModelOut.model_validate(model).model_dump(), "links": _links(name)},
@@ -67,6 +66,7 @@ def get_model(name: str):
 @registry_api.get("/models/<name>/versions/<int:version>")
 @registry_api.output(ModelVersionOut)
 @registry_api.doc(summary="One model version: metrics, source job, aliases", responses=[200, 404])
+@requires(Role.VIEWER)
 def get_version(name: str, version: int):
     return _version_out(model_registry.get_version(platform().settings, name, version))
 
@@ -76,25 +76,30 @@ def get_version(name: str, version: int):
 @registry_api.output(AliasEventOut)
 @registry_api.doc(summary="Point an alias at a version (refused if its metric is worse, unless forced)",
                   responses=[200, 404, 409, 422])
+@requires(Role.MEMBER)
 def promote(name: str, alias: str, body: PromoteIn):
+    auth.check_alias_move(current_principal(), alias)
     p = platform()
     event = model_registry.promote(p.db, p.settings, name=name, alias=alias, version=body.version,
-                                   force=body.force, actor=_actor())
+                                   force=body.force, actor=current_principal().user)
     return AliasEventOut.model_validate(event)
 
 
 @registry_api.delete("/models/<name>/aliases/<alias>")
 @registry_api.output(AliasEventOut)
 @registry_api.doc(summary="Remove an alias", responses=[200, 404])
+@requires(Role.MEMBER)
 def remove_alias(name: str, alias: str):
+    auth.check_alias_move(current_principal(), alias)
     p = platform()
     return AliasEventOut.model_validate(model_registry.remove_alias(p.db, p.settings, name=name, alias=alias,
-                                                                    actor=_actor()))
+                                                                    actor=current_principal().user))
 
 
 @registry_api.get("/models/<name>/history")
 @registry_api.output(AliasEventListOut)
 @registry_api.doc(summary="Every alias move of a model, newest first", responses=[200, 404])
+@requires(Role.VIEWER)
 def history(name: str):
     p = platform()
     return AliasEventListOut(items=[AliasEventOut.model_validate(e)
@@ -106,6 +111,7 @@ def history(name: str):
 @serving_api.output(PredictionOut)
 @serving_api.doc(summary="Predict with a registered model (multipart image files, or JSON base64 images)",
                  responses=[200, 404, 409, 413, 422])
+@requires(Role.MEMBER)
 def predict(name: str, query: PredictQuery):
     files = _uploaded_images()
     return platform().models.predict(name, files, alias=query.alias, version=query.version, top_k=query.top_k)

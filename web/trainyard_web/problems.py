@@ -10,7 +10,7 @@ from apiflask.exceptions import HTTPError
 from flask import request
 from werkzeug.exceptions import HTTPException
 
-from trainyard.errors import TrainyardError
+from trainyard.errors import TrainyardError, Unauthorized
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger(__name__)
@@ -54,7 +54,10 @@ def register_problem_handlers(app: APIFlask) -> None:
 
     @app.errorhandler(TrainyardError)
     def _domain_error(error: TrainyardError):
-        return problem(error.status, error.title, error.detail, error.errors)
+        body, status, headers = problem(error.status, error.title, error.detail, error.errors)
+        if isinstance(error, Unauthorized):
+            headers["WWW-Authenticate"] = 'Bearer realm="trainyard"'
+        return body, status, headers
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):

@@ -42,6 +42,7 @@ class JobOut(Out):
     checkpoint_sha256: str | None
     model_name: str | None = Field(description="Registered model the job added a version to")
     model_version: int | None
+    owner: str | None = Field(description="The user whose token submitted the job")
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -203,3 +204,41 @@ class PredictionOut(BaseModel):
     predictions: list[dict[str, Any]] = Field(
         description="Per image: top (label, probability) list, or mask_png (base64 PNG of class indices) "
                     "and class_fractions")
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = Field(min_length=1, max_length=100, description="Who the token acts as; owns the jobs it submits")
+    role: str = Field("member", description="viewer, member or admin")
+    name: str = Field("", max_length=200, description="What the token is for, e.g. 'laptop CLI'")
+    expires_in_days: int = Field(90, ge=1, le=3650)
+
+
+class TokenOut(Out):
+    id: int
+    user: str
+    role: str
+    name: str
+    prefix: str = Field(description="The secret's first characters, to tell tokens apart")
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    active: bool
+
+
+class TokenCreatedOut(BaseModel):
+    token: TokenOut
+    secret: str = Field(description="The bearer token itself. Shown this once; only its hash is kept.")
+
+
+class TokenListOut(BaseModel):
+    items: list[TokenOut]
+
+
+class MeOut(BaseModel):
+    user: str
+    role: str
+    token: TokenOut
