@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 from typer.testing import CliRunner
 from werkzeug.serving import make_server
@@ -91,8 +93,18 @@ def test_trainyard_up_runs_a_job_and_stops_cleanly_on_ctrl_c(tmp_path):
         output = (tmp_path / "up.log").read_text()
         assert f"http://127.0.0.1:{port}/" in output and f"http://127.0.0.1:{mlflow_port}" in output
 
-        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30)
-        assert api.get("/health").json()["status"] == "ok"
+        token_file = tmp_path / "data" / "admin-token"
+        token = token_file.read_text().strip()
+        assert token in output and stat.S_IMODE(token_file.stat().st_mode) == 0o600  # printed once, kept 0600
+        anonymous = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30)
+        assert anonymous.get("/health").json()["status"] == "ok"
+        assert anonymous.get("/jobs").status_code == 401
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30,
+                           headers={"Authorization": f"Bearer {token}"})
+        # The MLflow UI has no login: it must not be reachable from other machines.
+        mlflow_listeners = [c for c in psutil.net_connections("tcp")
+                            if c.status == psutil.CONN_LISTEN and c.laddr.port == mlflow_port]
+        assert mlflow_listeners and {c.laddr.ip for c in mlflow_listeners} == {"127.0.0.1"}
         job = api.post("/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
                                       "params": {"epochs": 2}}).json()
         deadline = time.monotonic() + 180

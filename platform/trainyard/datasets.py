@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from trainyard.archives import Limits, safe_extract
 from trainyard.db import Database
 from trainyard.errors import Conflict, InvalidSpec, NotFound
 from trainyard.ml.datasets import BUILTIN_DATASETS, FORMATS, DatasetScan
@@ -119,3 +121,25 @@ def get_dataset(db: Database, name: str) -> DatasetView:
             known = ", ".join(s.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
             raise NotFound(f"No dataset named {name!r} is registered (registered: {known}).")
         return to_view(DatasetView, row)
+
+
+def register_uploaded_dataset(db: Database, roots: Sequence[Path], *, name: str, format: str, archive: Path,
+                              limits: Limits) -> DatasetView:
+    """Unpack an uploaded archive into `<first root>/uploads/<name>` and register it; on any error nothing
+    is kept, neither files nor the registration."""
+    if not DATASET_NAME_PATTERN.match(name):
+        raise InvalidSpec(f"Dataset name {name!r} must be 1–100 lower-case letters, digits, '.', '_' or '-'.",
+                          errors=[{"field": "name", "message": "invalid name"}])
+    FORMATS.get(format)  # an unknown format is refused before anything is unpacked
+    with db.session_scope() as s:
+        if s.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
+            raise Conflict(f"A dataset named {name!r} is already registered.")
+    target = roots[0] / "uploads" / name
+    if target.exists():
+        raise Conflict(f"{target} already exists; register it by path, or remove it first.")
+    folder = safe_extract(archive, target, limits)
+    try:
+        return register_dataset(db, roots, name=name, format=format, path=str(folder))
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from apiflask import APIBlueprint
 from flask import url_for
 
 from trainyard import datasets, jobs
+from trainyard.archives import Limits
 from trainyard.auth import Role
 from trainyard.ml.architectures import ARCHITECTURES
 from trainyard.specs import JobSpec
@@ -17,6 +21,7 @@ from trainyard_web.schemas import (
     DatasetIn,
     DatasetListOut,
     DatasetOut,
+    DatasetUploadIn,
     HealthOut,
     JobListQuery,
     JobOut,
@@ -91,6 +96,24 @@ def register_dataset(body: DatasetIn):
     p = platform()
     dataset = datasets.register_dataset(p.db, p.settings.dataset_roots, name=body.name, format=body.format,
                                         path=body.path)
+    return DatasetOut.model_validate(dataset), 201, {"Location": url_for("api.get_dataset", name=dataset.name)}
+
+
+@api.post("/datasets/upload")
+@api.input(DatasetUploadIn, location="form_and_files", arg_name="body")
+@api.output(DatasetOut, status_code=201)
+@api.doc(summary="Upload a dataset archive (zip or tar), unpack it safely and register it",
+         responses=[201, 409, 413, 422])
+@requires(Role.MEMBER)
+def upload_dataset(body: DatasetUploadIn):
+    p = platform()
+    s = p.settings
+    with tempfile.NamedTemporaryFile(dir=s.ensure_data_dir(), prefix=".upload-", suffix=".archive") as spool:
+        body.archive.save(spool)
+        spool.flush()
+        dataset = datasets.register_uploaded_dataset(
+            p.db, s.dataset_roots, name=body.name, format=body.format, archive=Path(spool.name),
+            limits=Limits(max_bytes=s.max_unpacked_bytes, max_files=s.max_unpacked_files))
     return DatasetOut.model_validate(dataset), 201, {"Location": url_for("api.get_dataset", name=dataset.name)}
 
 

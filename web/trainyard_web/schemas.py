@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from apiflask.fields import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trainyard.models import JobStatus
@@ -99,6 +100,14 @@ class DatasetIn(BaseModel):
     name: str = Field(..., min_length=1, max_length=100, description="Lower-case letters, digits, '.', '_', '-'.")
     format: str = Field(..., min_length=1, max_length=32, description="A registered dataset format.")
     path: str = Field(..., min_length=1, max_length=4096, description="Absolute path inside a dataset root.")
+
+
+class DatasetUploadIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = Field(..., min_length=1, max_length=100, description="Lower-case letters, digits, '.', '_', '-'.")
+    format: str = Field(..., min_length=1, max_length=32, description="A registered dataset format.")
+    archive: UploadFile = Field(..., description="A zip or tar(.gz/.bz2/.xz) of the dataset folder.")
 
 
 class DatasetListOut(BaseModel):
