@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -18,6 +21,8 @@ from trainyard.errors import Conflict, InvalidSpec, NotFound
 from trainyard.ml.servable import LoadedModel, load_model_files
 from trainyard.models import ModelAliasEvent, to_view
 from trainyard.tracking import tracking_client
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
@@ -97,6 +102,24 @@ def register_version(settings: Settings, *, name: str, model_uri: str, run_id: s
     return _version_view(client.get_model_version(name, version.version))
 
 
+def _mlflow_errors_as_domain_errors(function: F) -> F:
+    """What MLflow refuses because of the caller's input (a name with ':' in it, say) is the caller's
+    error, a 4xx with MLflow's message; anything else stays an error of ours."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except MlflowException as exc:
+            if exc.error_code == "INVALID_PARAMETER_VALUE":
+                raise InvalidSpec(exc.message) from None
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise NotFound(exc.message) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _client(settings: Settings) -> MlflowClient:
     return tracking_client(settings)
 
@@ -110,6 +133,7 @@ def _get_model(client: MlflowClient, name: str):
         raise
 
 
+@_mlflow_errors_as_domain_errors
 def list_models(settings: Settings) -> list[RegisteredModelView]:
     client = _client(settings)
     models, token = [], None
@@ -130,6 +154,7 @@ def _model_view(m) -> RegisteredModelView:
     )
 
 
+@_mlflow_errors_as_domain_errors
 def get_model(settings: Settings, name: str) -> tuple[RegisteredModelView, list[ModelVersionView]]:
     client = _client(settings)
     model = _model_view(_get_model(client, name))
@@ -137,6 +162,7 @@ def get_model(settings: Settings, name: str) -> tuple[RegisteredModelView, list[
     return model, [_version_view(v) for v in versions]
 
 
+@_mlflow_errors_as_domain_errors
 def get_version(settings: Settings, name: str, version: int) -> ModelVersionView:
     if not 0 < version < 2**31:
         raise NotFound(f"Model {name!r} has no version {version}.")
@@ -167,6 +193,7 @@ def load_version(settings: Settings, name: str, version: int) -> LoadedModel:
         return load_model_files(Path(folder), name, version)
 
 
+@_mlflow_errors_as_domain_errors
 def resolve(settings: Settings, name: str, *, alias: str | None = None, version: int | None = None) -> ModelVersionView:
     """The version an alias points at (or the given version)."""
     if version is not None:
@@ -192,6 +219,7 @@ def _check_alias(alias: str) -> None:
                           "(e.g. staging, production).", errors=[{"field": "alias", "message": "invalid alias"}])
 
 
+@_mlflow_errors_as_domain_errors
 def promote(db: Database, settings: Settings, *, name: str, alias: str, version: int, force: bool = False,
             actor: str = "anonymous") -> AliasEventView:
     """Point `alias` at `version`; refuses a version whose primary metric is worse than the holder's unless forced."""
@@ -231,6 +259,7 @@ def _holder(client: MlflowClient, name: str, alias: str) -> ModelVersionView | N
         raise  # anything else must not silently skip the guard
 
 
+@_mlflow_errors_as_domain_errors
 def remove_alias(db: Database, settings: Settings, *, name: str, alias: str, actor: str = "anonymous") -> AliasEventView:
     _check_alias(alias)
     client = _client(settings)
@@ -252,6 +281,7 @@ def _audit(db: Database, name: str, alias: str, from_version: int | None, to_ver
         return to_view(AliasEventView, row)
 
 
+@_mlflow_errors_as_domain_errors
 def alias_history(db: Database, settings: Settings, name: str) -> list[AliasEventView]:
     _get_model(_client(settings), name)
     with db.session_scope() as s:

@@ -56,10 +56,16 @@ class JobPageOut(BaseModel):
     next_before: int | None = Field(description="Pass as `before` to get the next (older) page.")
 
 
+_STATUSES = "|".join(JobStatus)
+
+
 class JobListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    status: str | None = Field(None, description="Comma-separated statuses, e.g. QUEUED,RUNNING")
+    # The pattern is in the OpenAPI document too, so clients (and fuzzers) know which values are valid;
+    # the validator below still gives the friendlier message.
+    status: str | None = Field(None, description="Comma-separated statuses, e.g. QUEUED,RUNNING",
+                               pattern=rf"^(?i:\s*({_STATUSES})\s*(,\s*({_STATUSES})\s*)*)?$")
     limit: int = Field(50, ge=1, le=200)
     before: int | None = Field(None, ge=1, le=2**63 - 1, description="Only jobs with a smaller id (keyset pagination).")
 

@@ -161,6 +161,8 @@ def document(app: APIFlask) -> None:
                     responses.setdefault("401", _problem_response("No valid token"))
                     responses.setdefault("403", _problem_response("The token's role may not do this"))
                     responses.setdefault("429", _problem_response("Too many requests; retry later"))
+                    if operation.get("parameters") or "requestBody" in operation:
+                        responses.setdefault("422", _problem_response("Invalid input, with the fields named"))
                 responses.setdefault("413", _problem_response("Request body too large"))
                 responses.setdefault("400", _problem_response("Malformed request"))
                 for code, response in responses.items():
