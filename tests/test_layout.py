@@ -45,6 +45,10 @@ def test_compose_file_describes_a_real_deployment():
     assert env["TRAINYARD_BROKER_URL"].startswith("redis://")
     assert "--appendonly" in services["redis"]["command"] and "--requirepass" in services["redis"]["command"]
     assert services["web"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # MLflow has no login of its own: never published beyond the host's loopback; Redis needs a password.
+    assert all(str(port).startswith("127.0.0.1:") for port in services["mlflow"].get("ports", []))
+    assert "TRAINYARD_SECRET_KEY" in services["web"]["environment"]
+    assert "admin-token" in " ".join(services["migrate"]["command"])
 
 
 def test_compose_file_validates_with_docker_client_when_available():
