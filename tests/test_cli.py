@@ -140,3 +140,20 @@ def test_datasets_register_list_and_show(live):
     assert "grün" in run(["datasets", "show", "colours"], env).output
     refused = run(["datasets", "register", "etc", "/etc", "--format", "imagefolder"], env)
     assert refused.exit_code == 1 and "outside the allowed folders" in refused.output
+
+
+def test_tokens_create_list_and_revoke(live):
+    settings, env = live
+    created = run(["tokens", "create", "ada", "--role", "member", "--name", "laptop"], env)
+    assert created.exit_code == 0, created.output
+    secret = created.output.strip().splitlines()[-1]
+    assert secret.startswith("ty_")
+    as_ada = {**env, "TRAINYARD_TOKEN": secret}
+    listed = run(["tokens", "list"], as_ada)
+    assert listed.exit_code == 0 and "ada" in listed.output and secret not in listed.output
+    refused = run(["tokens", "create", "eve", "--role", "admin"], as_ada)  # a member mints no tokens
+    assert refused.exit_code == 1 and "403" in refused.output
+    token_id = next(line.split("│")[1].strip() for line in listed.output.splitlines() if "ada" in line)
+    assert run(["tokens", "revoke", token_id], as_ada).exit_code == 0
+    after = run(["jobs"], as_ada)
+    assert after.exit_code == 1 and "revoked" in after.output and "TRAINYARD_TOKEN" in after.output
