@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure the services the tests talk to are running: Redis on 127.0.0.1:6379 and PostgreSQL on
-# 127.0.0.1:5432 (trust auth for the `postgres` role). Starts them if installed but stopped; with
+# 127.0.0.1:5432 (trust auth for the `postgres` role), and Chromium for the UI tests. Starts them if installed but stopped; with
 # TRAINYARD_INSTALL_SERVICES=1 (what .ci/run sets) it installs them from Debian's packages first.
 set -euo pipefail
 
@@ -14,6 +14,7 @@ if [ "${TRAINYARD_INSTALL_SERVICES:-0}" = 1 ]; then
   missing=()
   have redis-server || missing+=(redis-server)
   have pg_ctlcluster || missing+=(postgresql)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)   # the browser the UI tests drive (Playwright)
   if [ ${#missing[@]} -gt 0 ]; then
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}"

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     queue: str = "training"
     lease_seconds: float = Field(60.0, gt=0)
     heartbeat_seconds: float = Field(2.0, gt=0)
+    worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")
     reconcile_seconds: float = Field(10.0, gt=0, description="how often lost jobs are looked for")
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (one per core)")
 

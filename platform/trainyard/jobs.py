@@ -180,12 +180,19 @@ def get_job(db: Database, job_id: int) -> JobView:
 
 
 def list_jobs(
-    db: Database, *, statuses: Sequence[str] = (), limit: int = 50, before: int | None = None
+    db: Database, *, statuses: Sequence[str] = (), limit: int = 50, before: int | None = None,
+    dataset: str | None = None, architecture: str | None = None, ids: Sequence[int] = (),
 ) -> JobPage:
     """Newest first; keyset pagination on id so a page costs the same at 100 or 100,000 jobs."""
     query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
     if statuses:
         query = query.where(Job.status.in_(list(statuses)))
+    if dataset:
+        query = query.where(Job.dataset == dataset)
+    if architecture:
+        query = query.where(Job.architecture == architecture)
+    if ids:
+        query = query.where(Job.id.in_([i for i in ids if 0 < i <= MAX_ID]))
     if before is not None:
         query = query.where(Job.id < before)
     with db.session_scope() as s:

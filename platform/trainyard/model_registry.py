@@ -271,6 +271,17 @@ def remove_alias(db: Database, settings: Settings, *, name: str, alias: str, act
     return _audit(db, name, alias, current.version, None, False, actor, "alias removed")
 
 
+@_mlflow_errors_as_domain_errors
+def rollback(db: Database, settings: Settings, *, name: str, alias: str, actor: str = "anonymous") -> AliasEventView:
+    """Move `alias` back to the version it held before its last move (the metric guard does not apply:
+    going back is deliberate)."""
+    _check_alias(alias)
+    last = next((e for e in alias_history(db, settings, name) if e.alias == alias), None)
+    if last is None or last.from_version is None:
+        raise Conflict(f"{name}@{alias} has no earlier version to roll back to.")
+    return promote(db, settings, name=name, alias=alias, version=last.from_version, force=True, actor=actor)
+
+
 def _audit(db: Database, name: str, alias: str, from_version: int | None, to_version: int | None, forced: bool,
            actor: str, reason: str) -> AliasEventView:
     with db.session_scope() as s:

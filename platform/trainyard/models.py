@@ -188,3 +188,33 @@ class ApiToken(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Worker(Base):
+    """A worker process that registered itself; its heartbeat says it is alive and what it runs."""
+
+    __tablename__ = "worker"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's hostname, e.g. cpu@host
+    host: Mapped[str] = mapped_column(String(255))
+    device: Mapped[str] = mapped_column(String(255))  # "NVIDIA H100 80GB HBM3" or "CPU (8 threads)"
+    device_memory_mb: Mapped[int | None] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    current_job: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class JobLogLine(Base):
+    """One line of a job's own log (what its worker logged while running it)."""
+
+    __tablename__ = "job_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    line: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_job_log_job_id_id", "job_id", "id"),)

@@ -48,7 +48,8 @@ def submit_job(spec: JobSpec):
 @api.doc(summary="List jobs, newest first")
 @requires(Role.VIEWER)
 def list_jobs(query: JobListQuery):
-    page = jobs.list_jobs(platform().db, statuses=query.statuses, limit=query.limit, before=query.before)
+    page = jobs.list_jobs(platform().db, statuses=query.statuses, limit=query.limit, before=query.before,
+                          dataset=query.dataset, architecture=query.architecture)
     return JobPageOut(items=[JobOut.model_validate(j) for j in page.items], next_before=page.next_before)
 
 

@@ -66,6 +66,8 @@ class JobListQuery(BaseModel):
     # the validator below still gives the friendlier message.
     status: str | None = Field(None, description="Comma-separated statuses, e.g. QUEUED,RUNNING",
                                pattern=rf"^(?i:\s*({_STATUSES})\s*(,\s*({_STATUSES})\s*)*)?$")
+    dataset: str | None = Field(None, max_length=100, description="Only jobs on this dataset")
+    architecture: str | None = Field(None, max_length=100, description="Only jobs of this architecture")
     limit: int = Field(50, ge=1, le=200)
     before: int | None = Field(None, ge=1, le=2**63 - 1, description="Only jobs with a smaller id (keyset pagination).")
 

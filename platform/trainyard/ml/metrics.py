@@ -359,3 +359,14 @@ def segmentation_overlay_png(images: Tensor, true_masks: Tensor, pred_masks: Ten
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def mask_png_in_colour(mask_png: bytes, num_classes: int) -> bytes:
+    """A PNG of class indices (what the prediction endpoint returns) with one colour per class."""
+    from PIL import Image
+
+    mask = np.asarray(Image.open(io.BytesIO(mask_png)))
+    palette = _palette(max(num_classes, int(mask.max()) + 1)).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(palette[mask]).save(out, "PNG")
+    return out.getvalue()

@@ -11,9 +11,9 @@ from flask_wtf.csrf import CSRFError
 from wtforms import PasswordField
 from wtforms.validators import DataRequired
 
-from trainyard import auth, jobs
-from trainyard.errors import NotFound, Unauthorized
-from trainyard.models import JobStatus
+from trainyard import auth, job_logs
+from trainyard.errors import Unauthorized
+from trainyard.models import utcnow
 from trainyard_web.runtime import platform
 from trainyard_web.security import SESSION_TOKEN_KEY, session_principal
 
@@ -26,9 +26,27 @@ class LoginForm(FlaskForm):
     token = PasswordField("API token", validators=[DataRequired()])
 
 
+@ui.app_template_global()
+def job_log_tail(job_id: int, lines: int = 40) -> list[str]:
+    return [str(line) for line in job_logs.tail(platform().db, job_id, lines)]
+
+
+@ui.app_template_filter()
+def duration(job) -> str:
+    """How long a job ran (or has run so far), as 1h 02m, 3m 05s or 12s."""
+    if job.started_at is None:
+        return ""
+    seconds = int(((job.finished_at or utcnow()) - job.started_at).total_seconds())
+    hours, rest = divmod(max(seconds, 0), 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
 @ui.app_context_processor
 def _page_context():
-    return {"settings": platform().settings, "principal": g.get("principal")}
+    settings = platform().settings
+    return {"settings": settings, "principal": g.get("principal"),
+            "mlflow_ui": f"http://{settings.mlflow_host}:{settings.mlflow_port}"}
 
 
 @ui.before_request
@@ -88,21 +106,5 @@ def _too_many(error):
                            error="Too many login attempts from this address; wait a minute and try again."), 429
 
 
-@ui.get("/")
-def job_list():
-    status = request.args.get("status", "").upper()
-    statuses = [status] if status in JobStatus.__members__ else []
-    before = request.args.get("before", type=int)
-    page = jobs.list_jobs(platform().db, statuses=statuses, limit=50, before=before)
-    active = any(not JobStatus(j.status).is_terminal for j in page.items)
-    return render_template("jobs.html", page=page, status=status if statuses else "", active=active,
-                           statuses=list(JobStatus))
-
-
-@ui.get("/jobs/<int:job_id>")
-def job_detail(job_id: int):
-    try:
-        job = jobs.get_job(platform().db, job_id)
-    except NotFound as exc:
-        return render_template("error.html", message=exc.detail), 404
-    return render_template("job.html", job=job, active=not JobStatus(job.status).is_terminal)
+# The pages, by area; imported last because they register themselves on `ui`.
+from trainyard_web.ui import jobs_pages, registry_pages, workers_pages  # noqa: E402,F401

@@ -1,0 +1,58 @@
+// Draws the metric charts of a page with uPlot (served from this app; no CDN).
+// An element with data-charts="<url>" gets one chart per entry of the JSON at that URL:
+//   {"done": bool, "charts": [{"title": str, "x": [epochs], "series": [{"label": str, "values": [..]}]}]}
+// While "done" is false the charts are fetched again every few seconds and grow in place.
+(function () {
+  "use strict";
+  var COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
+
+  function options(chart, width) {
+    return {
+      title: chart.title, width: width, height: 220,
+      scales: { x: { time: false } },
+      axes: [{ label: "epoch" }, {}],
+      series: [{ label: "epoch" }].concat(chart.series.map(function (s, i) {
+        return { label: s.label, stroke: COLORS[i % COLORS.length], width: 2, points: { show: true, size: 5 } };
+      })),
+    };
+  }
+
+  function draw(root, payload) {
+    root.setAttribute("data-points", String(payload.charts.reduce(function (n, c) { return n + c.x.length; }, 0)));
+    root.setAttribute("data-done", String(payload.done));
+    root._plots = root._plots || {};
+    payload.charts.forEach(function (chart) {
+      var data = [chart.x].concat(chart.series.map(function (s) { return s.values; }));
+      var key = chart.title + "|" + chart.series.map(function (s) { return s.label; }).join(",");
+      var existing = root._plots[chart.title];
+      if (existing && existing.key === key) {
+        existing.plot.setData(data);
+        return;
+      }
+      if (existing) { existing.plot.destroy(); existing.box.remove(); }
+      var box = document.createElement("figure");
+      box.className = "chart";
+      box.setAttribute("aria-label", chart.title + " by epoch");
+      root.appendChild(box);
+      // Each chart fills its own grid cell, not the whole grid.
+      var width = Math.max(240, Math.min(box.clientWidth || 600, 720));
+      root._plots[chart.title] = { key: key, box: box, plot: new uPlot(options(chart, width), data, box) };
+    });
+    var empty = root.querySelector(".charts-empty");
+    if (empty) { empty.hidden = payload.charts.length > 0; }
+  }
+
+  function load(root) {
+    fetch(root.getAttribute("data-charts"), { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (response) { return response.ok ? response.json() : Promise.reject(response.status); })
+      .then(function (payload) {
+        draw(root, payload);
+        if (!payload.done) { setTimeout(function () { load(root); }, 2000); }
+      })
+      .catch(function () { setTimeout(function () { load(root); }, 5000); });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-charts]").forEach(load);
+  });
+})();
