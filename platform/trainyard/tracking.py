@@ -132,7 +132,8 @@ class JobRun:
         """Sample CPU, memory and GPU use into the run every 10 s; returns the monitor (call .finish())."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10,
+        # resume_logging: a resumed attempt continues the steps of the one before instead of repeating them
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=True,
                                        tracking_uri=self.settings.mlflow_tracking_uri)
         monitor.start()
         return monitor
@@ -167,6 +168,10 @@ class MetricBuffer:
     def add(self, key: str, value: Any, step: int) -> None:
         self._pending.append((key, value, step, int(time.time() * 1000)))
 
+    def discard(self) -> None:
+        """Drop what was added since the last commit (an epoch whose values the run already holds)."""
+        self._pending = []
+
     def commit(self) -> None:
         pending, self._pending = self._pending, []
         if pending:
@@ -192,3 +197,37 @@ def _as_tensor(array):
     import torch
 
     return torch.from_numpy(array)
+
+
+def metric_history(settings: Settings, run_id: str, *, skip: tuple[str, ...] = ("train_step_loss",)
+                   ) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run as (step, value) pairs by step: what the job page's charts draw."""
+    client = tracking_client(settings)
+    run = client.get_run(run_id)
+    history = {}
+    for key in sorted(run.data.metrics):
+        if key in skip or key.startswith("system/"):
+            continue
+        points = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        history[key] = sorted(points.items())
+    return history
+
+
+def latest_step_image(settings: Settings, run_id: str, key: str) -> tuple[int, bytes] | None:
+    """The newest image logged with `log_image(key=…, step=…)`, as (step, PNG bytes), or None."""
+    client = tracking_client(settings)
+    best: tuple[int, str] | None = None
+    for item in client.list_artifacts(run_id, "images"):
+        name = Path(item.path).name
+        # MLflow names step images "<key>%step%<n>%timestamp%<ms>%<uuid>.png" (plus a compressed twin)
+        parts = name.split("%")
+        if item.is_dir or parts[0] != key or "step" not in parts or not name.endswith(".png") or "compressed" in name:
+            continue
+        step = int(parts[parts.index("step") + 1])
+        if best is None or step > best[0]:
+            best = (step, item.path)
+    if best is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, best[1], tmp)
+        return best[0], Path(local).read_bytes()
