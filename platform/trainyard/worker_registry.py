@@ -68,7 +68,7 @@ def pool_status(db: Database, *, stale_after_seconds: float) -> PoolView:
     """Workers (alive unless stopped or silent for `stale_after_seconds`) and every queue's depth."""
     cutoff = utcnow() - timedelta(seconds=stale_after_seconds)
     with db.session_scope() as s:
-        workers = [to_view(WorkerView, row) for row in s.scalars(select(Worker).order_by(Worker.host, Worker.name))]
+        workers = [to_view(WorkerView, row, alive=False) for row in s.scalars(select(Worker).order_by(Worker.host, Worker.name))]
         counts = s.execute(select(Job.queue, Job.status, func.count()).where(
             Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])).group_by(Job.queue, Job.status)).all()
     queues: dict[str, QueueView] = {}
@@ -83,3 +83,21 @@ def pool_status(db: Database, *, stale_after_seconds: float) -> PoolView:
         else:
             view.running = count
     return PoolView(workers=workers, queues=sorted(queues.values(), key=lambda q: q.name))
+
+
+def why_queued(db: Database, job_id: int, *, stale_after_seconds: float) -> str:
+    """Why a QUEUED job has not started: its place in its queue, and whether any live worker serves it."""
+    with db.session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != JobStatus.QUEUED:
+            return ""
+        ahead = s.scalar(select(func.count()).select_from(Job).where(
+            Job.status == JobStatus.QUEUED, Job.queue == job.queue, Job.id != job.id,
+            (Job.priority > job.priority) | ((Job.priority == job.priority) & (Job.id < job.id))))
+        queue = job.queue
+    serving = next((q.workers for q in pool_status(db, stale_after_seconds=stale_after_seconds).queues
+                    if q.name == queue), [])
+    place = f"{ahead} job{'s' if ahead != 1 else ''} ahead of it in queue {queue}" if ahead else f"next in queue {queue}"
+    if not serving:
+        return f"{place}; no live worker serves queue {queue} (start one with `trainyard worker --queues {queue}`)"
+    return f"{place}; served by {', '.join(serving)}"

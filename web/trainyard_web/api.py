@@ -8,7 +8,7 @@ from pathlib import Path
 from apiflask import APIBlueprint
 from flask import url_for
 
-from trainyard import datasets, jobs
+from trainyard import datasets, job_logs, jobs, worker_registry
 from trainyard.archives import Limits
 from trainyard.auth import Role
 from trainyard.ml.architectures import ARCHITECTURES
@@ -26,6 +26,10 @@ from trainyard_web.schemas import (
     JobListQuery,
     JobOut,
     JobPageOut,
+    LogLineOut,
+    LogPageOut,
+    LogQuery,
+    PoolOut,
 )
 
 api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Trainyard")
@@ -59,6 +63,30 @@ def list_jobs(query: JobListQuery):
 @requires(Role.VIEWER)
 def get_job(job_id: int):
     return JobOut.model_validate(jobs.get_job(platform().db, job_id))
+
+
+@api.get("/jobs/<int:job_id>/logs")
+@api.input(LogQuery, location="query", arg_name="query")
+@api.output(LogPageOut)
+@api.doc(summary="A job's own log lines, oldest first; follow it by passing `next_after` back as `after`",
+         responses=[200, 404])
+@requires(Role.VIEWER)
+def job_logs_page(job_id: int, query: LogQuery):
+    db = platform().db
+    jobs.get_job(db, job_id)  # 404 for a job that does not exist
+    lines = job_logs.read(db, job_id, after=query.after, limit=query.limit)
+    return LogPageOut(items=[LogLineOut.model_validate(line) for line in lines],
+                      next_after=lines[-1].id if lines else query.after)
+
+
+@api.get("/workers")
+@api.output(PoolOut)
+@api.doc(summary="The worker pool: each worker's device, queues, current job and heartbeat; queue depths")
+@requires(Role.VIEWER)
+def list_workers():
+    p = platform()
+    return PoolOut.model_validate(
+        worker_registry.pool_status(p.db, stale_after_seconds=p.settings.worker_stale_seconds), from_attributes=True)
 
 
 @api.post("/jobs/<int:job_id>/cancel")

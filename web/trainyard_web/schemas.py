@@ -259,3 +259,47 @@ class MeOut(BaseModel):
     user: str
     role: str
     token: TokenOut
+
+
+class LogLineOut(Out):
+    id: int
+    attempt: int
+    at: datetime
+    line: str
+
+
+class LogPageOut(BaseModel):
+    items: list[LogLineOut]
+    next_after: int = Field(description="Pass as `after` to get only the lines logged since.")
+
+
+class LogQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    after: int = Field(0, ge=0, le=2**63 - 1, description="Only lines after this line id.")
+    limit: int = Field(1000, ge=1, le=5000)
+
+
+class WorkerOut(Out):
+    name: str
+    host: str
+    device: str
+    device_memory_mb: int | None
+    queues: list[str]
+    current_job: int | None
+    started_at: datetime
+    last_seen: datetime
+    stopped_at: datetime | None
+    alive: bool = Field(description="False once it stopped, or has been silent longer than TRAINYARD_WORKER_STALE_SECONDS")
+
+
+class QueueOut(Out):
+    name: str
+    queued: int
+    running: int
+    workers: list[str] = Field(description="Live workers consuming this queue")
+
+
+class PoolOut(BaseModel):
+    workers: list[WorkerOut]
+    queues: list[QueueOut]

@@ -11,8 +11,8 @@ from flask_wtf.csrf import CSRFError
 from wtforms import PasswordField
 from wtforms.validators import DataRequired
 
-from trainyard import auth, job_logs
-from trainyard.errors import Unauthorized
+from trainyard import auth, job_logs, worker_registry
+from trainyard.errors import TrainyardError, Unauthorized
 from trainyard.models import utcnow
 from trainyard_web.runtime import platform
 from trainyard_web.security import SESSION_TOKEN_KEY, session_principal
@@ -29,6 +29,12 @@ class LoginForm(FlaskForm):
 @ui.app_template_global()
 def job_log_tail(job_id: int, lines: int = 40) -> list[str]:
     return [str(line) for line in job_logs.tail(platform().db, job_id, lines)]
+
+
+@ui.app_template_global()
+def why_queued(job_id: int) -> str:
+    p = platform()
+    return worker_registry.why_queued(p.db, job_id, stale_after_seconds=p.settings.worker_stale_seconds)
 
 
 @ui.app_template_filter()
@@ -98,6 +104,16 @@ def logout():
 def _csrf_failed(error: CSRFError):
     return render_template("error.html", title="Form expired",
                            message="The form expired or came from another site; reload the page and try again."), 400
+
+
+@ui.errorhandler(TrainyardError)
+def _refused(error: TrainyardError):
+    return render_template("error.html", title=error.title, message=error.detail), error.status
+
+
+@ui.errorhandler(404)
+def _missing(error):
+    return render_template("error.html", title="Not found", message=f"Nothing at {request.path}."), 404
 
 
 @ui.errorhandler(429)
