@@ -265,3 +265,74 @@ def wait_for_job(client, job_id: int, statuses: set[str], timeout: float = 180) 
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
         time.sleep(0.3)
+
+
+# ---- outages: a Redis server of the test's own, waiting on conditions --------------------------------
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll `predicate` until it returns something truthy, and return that; fail with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, what
+        time.sleep(interval)
+    return value
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A `redis-server` of the test's own, persisting to an append-only file, so that it can be restarted
+    (like the deployment's Redis) without touching the shared one."""
+
+    def __init__(self, folder: Path) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not on PATH; run `make services` (it installs Redis)")
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
+                      "--dir", str(folder), "--save", ""]
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self._log = open(self.folder / "redis.log", "a")
+        self.process = subprocess.Popen(self._argv, stdout=self._log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        wait_until(lambda: _pings(client), 20, f"redis-server on port {self.port} did not start")
+
+    def stop(self) -> None:
+        """SIGTERM, as an orderly restart does: Redis flushes its append-only file and exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+        self._log.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from trainyard.db import upgrade_schema
+from trainyard import jobs
+from trainyard.db import Database, upgrade_schema
 from trainyard_web import create_app
 from conftest import WorkerProcess, make_settings, wait_for_job, authed_client
 
@@ -142,3 +144,38 @@ def test_retry_runs_a_cancelled_job_again_from_its_checkpoint(platform):
     again = client.post(f"/api/v1/jobs/{job_id}/retry")
     assert again.status_code == 409 and "SUCCEEDED" in again.get_json()["detail"]
     assert client.post("/api/v1/jobs/999999/retry").status_code == 404
+
+
+def test_a_torn_checkpoint_falls_back_to_the_one_before(platform):
+    settings, client, start = platform
+    first = start("worker-a")
+    job_id = client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                               "params": {"epochs": 4, "batch_size": 4}}).get_json()["id"]
+    wait_until(lambda: (j := client.get(f"/api/v1/jobs/{job_id}").get_json())["progress"].get("epoch") == 2
+               and j["progress"].get("batch", 0) >= 20, 240, "job never reached epoch 3")
+    first.process.terminate()  # hand the job back: the next attempt starts only once the checkpoint is torn
+    assert first.process.wait(timeout=60) == 0, first.log()[-3000:]
+    handed_back = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert handed_back["status"] == "QUEUED" and handed_back["checkpoint_epoch"] == 2
+    tracking = MlflowClient(settings.mlflow_tracking_uri)
+    run_id = handed_back["mlflow_run_id"]
+    assert [m.step for m in tracking.get_metric_history(run_id, "train_loss")] == [1, 2]
+    db = Database(settings.database_url)
+    newest = Path(jobs.get_job(db, job_id).checkpoint_path)  # not in the API: where files live is the platform's
+    db.dispose()
+    assert (newest.parent / "attempt-1-epoch-1.pt").exists()  # the one before is kept for this
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn: half of it reached the disk
+
+    second = start("worker-b")
+    job = wait_for_job(client, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, timeout=300)
+    assert job["status"] == "SUCCEEDED" and job["attempt"] == 2, f"{job['error']}\n{second.log()[-3000:]}"
+    notes = [e for e in job["events"] if "fell back to the epoch-1 checkpoint" in e["message"]]
+    assert len(notes) == 1 and notes[0]["attempt"] == 2 and newest.name in notes[0]["message"], job["events"]
+    assert "resumes from epoch 1" in second.log()
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        steps = [m.step for m in tracking.get_metric_history(run_id, key)]
+        assert sorted(steps) == [1, 2, 3, 4], (key, steps)  # epoch 2, trained twice, is logged once
+    step_losses = [m.step for m in tracking.get_metric_history(run_id, "train_step_loss")]
+    assert len(step_losses) == len(set(step_losses)) == 4 * job["progress"]["batches"]
+    # The torn file is gone; the last two checkpoints of the finished job stay.
+    assert sorted(p.name for p in newest.parent.glob("*.pt")) == ["attempt-2-epoch-3.pt", "attempt-2-epoch-4.pt"]

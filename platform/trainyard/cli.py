@@ -91,9 +91,19 @@ def db_revision(message: str = typer.Option(..., "-m", "--message", help="Why th
 
 
 @app.command()
-def worker(queues: str = typer.Option("", help="Comma-separated queues to consume.")) -> None:
-    """Start this host's worker pool: one Celery worker per GPU, or one on the CPU."""
-    argv = [sys.executable, "-m", "trainyard_workers", "pool"] + ([f"--queues={queues}"] if queues else [])
+def worker(
+    queues: str = typer.Option("", help="Comma-separated queues to consume."),
+    drain: bool = typer.Option(False, "--drain", help="Instead of starting workers: let this host's running "
+                               "workers finish their current job, take no new one, then exit."),
+    hostname: str = typer.Option("", help="With --drain: one worker's Celery node name (any host, on Redis)."),
+    wait: bool = typer.Option(False, help="With --drain: return only once the workers have exited."),
+) -> None:
+    """Start this host's worker pool (one Celery worker per GPU, or one on the CPU), or drain it."""
+    if drain:
+        argv = [sys.executable, "-m", "trainyard_workers", "drain",
+                *([f"--hostname={hostname}"] if hostname else []), *(["--wait"] if wait else [])]
+    else:
+        argv = [sys.executable, "-m", "trainyard_workers", "pool"] + ([f"--queues={queues}"] if queues else [])
     os.execv(sys.executable, argv)
 
 

@@ -30,6 +30,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "broker_connection_retry_on_startup": True,
+        # A worker outlives a broker restart: it reconnects for as long as it takes (Celery's default
+        # gives up after 100 tries), and the job it is training carries on meanwhile — its lease lives in
+        # the database, and its message, if redelivered, finds the job claimed.
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_serializer": "json",
         "accept_content": ["json"],
     }
@@ -38,9 +44,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",
-            # Training outlives Redis's default one-hour redelivery; the lease, not the broker, decides
-            # when a job is lost.
-            "visibility_timeout": 7 * 24 * 3600,
+            # Redis hands an unacknowledged message out again after the visibility timeout. Tied to the lease:
+            # a message whose worker died before claiming its job (the database never heard of it) is
+            # delivered again about as soon as a claimed job's expired lease is re-queued. Redelivering the
+            # message of a job that is still training is harmless — the claim finds the job taken — so the
+            # lease, not the broker, still decides when a job is lost.
+            "visibility_timeout": 2 * settings.lease_seconds,
+            "unacked_restore_interval": min(10.0, max(1.0, settings.lease_seconds / 2)),
+            "unacked_restore_throttle": 1,  # look every interval (kombu's default: every tenth)
         }
     # The embedded SQLite broker polls once a second (kombu's default; its SQLAlchemy transport hands every
     # transport option to create_engine, so the interval cannot be tuned): up to 1 s of dispatch latency,

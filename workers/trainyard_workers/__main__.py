@@ -1,4 +1,5 @@
-"""`python -m trainyard_workers worker|pool`: one Celery worker, or one per GPU on this host."""
+"""`python -m trainyard_workers worker|pool|drain|reconciler`: one Celery worker, one per GPU on this host,
+draining them, and the reconciler."""
 
 from __future__ import annotations
 
@@ -33,18 +34,61 @@ def worker(
     loglevel: str = typer.Option("INFO"),
 ) -> None:
     """Run one Celery worker: one job at a time, prefetch 1."""
+    from trainyard_workers import drain
+
+    drain.install_signal_handler()  # first: a drain request must never meet SIGUSR2's default (exit)
     from trainyard_workers.app import create_celery_app
 
     settings = Settings()
     _require_current_schema(settings)
     app = create_celery_app(settings)
+    node = drain.node_name(hostname)
     app.worker_main([
         "worker",
         f"--queues={queues or settings.queue}",
-        f"--hostname={hostname or 'cpu@' + socket.gethostname()}",
+        f"--hostname={node}",
         f"--loglevel={loglevel}",
         "--concurrency=1",
+        *_pid_file_option(settings, node),
     ])
+
+
+def _pid_file_option(settings: Settings, node: str) -> list[str]:
+    """`--pidfile` in <data dir>/workers/, so `drain` can find this worker without a broadcast."""
+    from trainyard_workers.drain import live_worker_pid, pid_file
+
+    path = pid_file(settings, node)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only data dir: drain still works over a broker that broadcasts
+        typer.echo(f"trainyard worker: no pid file ({exc}); drain will need a Redis broker", err=True)
+        return []
+    if path.exists() and live_worker_pid(path) is None:
+        # Left by a killed worker; Celery would refuse to start if its pid now belongs to another process.
+        path.unlink(missing_ok=True)
+    return [f"--pidfile={path}"]
+
+
+@cli.command()
+def drain(
+    hostname: str = typer.Option("", help="Celery node name of the worker to drain (default: every worker "
+                                          "on this host)."),
+    wait: bool = typer.Option(False, help="Return only once the drained workers have exited."),
+    timeout: float = typer.Option(5.0, help="Seconds to wait for workers to answer the drain request."),
+) -> None:
+    """Let workers finish their running job, take no new one, then exit."""
+    from trainyard_workers.drain import DrainError, request_drain, wait_until_exited
+
+    settings = Settings()
+    try:
+        told = request_drain(settings, hostname, timeout=timeout)
+    except DrainError as exc:
+        typer.echo(f"trainyard drain: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"trainyard drain: draining {', '.join(told)}")
+    if wait:
+        wait_until_exited(settings, told)
+        typer.echo("trainyard drain: drained")
 
 
 @cli.command()
@@ -114,7 +158,12 @@ def pool(
         group.start(f"worker gpu{index}", [*base, f"--hostname=gpu{index}@{host}"],
                     env={"CUDA_VISIBLE_DEVICES": str(index)})
     typer.echo(f"trainyard pool: {max(gpus, 1)} worker(s) on {host} ({'%d GPU(s)' % gpus if gpus else 'CPU'})")
-    exited = group.wait()
+    while (exited := group.wait()) is not None and exited.process.returncode == 0:
+        # Status 0 is a drained worker: the others carry on until they are drained too.
+        group.children.remove(exited)
+        typer.echo(f"trainyard pool: {exited.name} drained")
+        if not group.children:
+            return
     group.stop()
     if exited is not None:
         typer.echo(f"trainyard pool: {exited.name} exited with {exited.process.returncode}", err=True)

@@ -10,7 +10,7 @@ from celery.signals import worker_shutting_down
 
 from trainyard.config import Settings
 from trainyard.queueing import RUN_JOB_TASK, celery_config
-from trainyard_workers import engine
+from trainyard_workers import drain, engine
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -20,6 +20,7 @@ def create_celery_app(settings: Settings) -> Celery:
     # One job at a time per process, and a fresh process per job: a CUDA context or a leaked tensor
     # never outlives the job that made it.
     app.conf.update(worker_concurrency=1, worker_max_tasks_per_child=1)
+    app.steps["consumer"].add(drain.DrainStep)  # `python -m trainyard_workers drain`
     context = engine.WorkerContext(settings)
 
     @app.task(name=RUN_JOB_TASK, ignore_result=True)

@@ -16,8 +16,10 @@ from trainyard import jobs
 from trainyard.config import Settings
 from trainyard.db import Database
 from trainyard.jobs import JobView
+from trainyard.models import JobStatus
 from trainyard.queueing import CeleryDispatch
 from trainyard.tracking import JobRun
+from trainyard_workers.db_retry import call_db, claim, end_attempt, is_connection_error
 from trainyard_workers.evaluation import run_evaluation
 from trainyard_workers.loop import StopRequested
 from trainyard_workers.prediction import run_prediction
@@ -90,11 +92,14 @@ class LeaseKeeper:
         settings = self._ctx.settings
         while not self._stopped.wait(settings.heartbeat_seconds):
             try:
-                state = jobs.renew_lease(
-                    self._ctx.db, self._job.id, self._ctx.worker_id, self._job.attempt,
+                # Backing off no further than one beat: once the database is back the lease must be
+                # renewed at once, before it runs out.
+                state = call_db(
+                    jobs.renew_lease, self._ctx.db, self._job.id, self._ctx.worker_id, self._job.attempt,
                     settings.lease_seconds, progress=dict(self.progress),
+                    patience=settings.lease_seconds, max_backoff=settings.heartbeat_seconds, stopped=self._stopped,
                 )
-            except Exception:  # a database blip must not kill training; the next beat retries
+            except Exception:  # a database outage must not kill training; the next beat tries again
                 log.exception("heartbeat for job %s failed", self._job.id)
                 continue
             if not state.held:
@@ -109,7 +114,7 @@ JOB_KINDS = {"train": run_training, "evaluate": run_evaluation, "predict": run_p
 
 def run_job(ctx: WorkerContext, job_id: int) -> None:
     """Claim `job_id` and run it to an outcome; a job that is not claimable is left alone."""
-    job = jobs.claim_job(ctx.db, job_id, ctx.worker_id, ctx.settings.lease_seconds)
+    job = claim(ctx.db, job_id, ctx.worker_id, ctx.settings.lease_seconds)
     if job is None:
         log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
         return
@@ -126,26 +131,32 @@ def run_job(ctx: WorkerContext, job_id: int) -> None:
             else:
                 run = JobRun.start(ctx.settings, job_id=job.id, name=job.name, spec=job.spec,
                                    tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind})
-                jobs.record_progress(ctx.db, job.id, job.attempt, mlflow_run_id=run.run_id)
+                call_db(jobs.record_progress, ctx.db, job.id, job.attempt, mlflow_run_id=run.run_id)
             metrics, progress = JOB_KINDS[job.kind](ctx, job, lease, run)
         except StopRequested:
             if lease.lease_lost.is_set():
                 log.warning("job %s: lease lost; leaving the job to its new owner", job.id)
                 return
             if lease.cancel_requested.is_set():
-                if jobs.mark_cancelled(ctx.db, job.id, job.attempt):
+                if end_attempt(jobs.mark_cancelled, ctx.db, job, JobStatus.CANCELLED):
                     _end_run(run, "KILLED")
                 return
             log.info("job %s: worker stopping; back to the queue to resume from its last checkpoint", job.id)
-            jobs.release_job(ctx.db, job.id, job.attempt, f"worker {ctx.worker_id} stopped; re-queued",
-                             ctx.dispatch)
+            call_db(jobs.release_job, ctx.db, job.id, job.attempt, f"worker {ctx.worker_id} stopped; re-queued",
+                    ctx.dispatch)
         except Exception as exc:
+            if is_connection_error(exc):
+                # Not the job's fault: leave it RUNNING; once its lease runs out the reconciler re-queues
+                # it to resume from its last checkpoint.
+                log.error("job %s: the database stayed unreachable; leaving the job to the reconciler", job.id)
+                return
             log.exception("job %s failed", job.id)
             # Only the attempt that still owns the job may close the run it shares with later attempts.
-            if jobs.fail_job(ctx.db, job.id, job.attempt, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"):
+            error = f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"
+            if end_attempt(jobs.fail_job, ctx.db, job, JobStatus.FAILED, error):
                 _end_run(run, "FAILED")
         else:
-            if jobs.finish_job(ctx.db, job.id, job.attempt, metrics, progress):
+            if end_attempt(jobs.finish_job, ctx.db, job, JobStatus.SUCCEEDED, metrics, progress):
                 _end_run(run, "FINISHED")
 
 

@@ -27,7 +27,16 @@ from trainyard.ml.servable import METADATA_FILE, WEIGHTS_FILE
 from trainyard.model_registry import register_version
 from trainyard.specs import JobSpec, TrainParams
 from trainyard.tracking import JobRun, MetricBuffer
-from trainyard_workers.checkpoints import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from trainyard_workers.checkpoints import (
+    ResumePoint,
+    latest_usable_checkpoint,
+    prune_checkpoints,
+    remove_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
+from trainyard_workers.db_retry import call_db
 from trainyard_workers.loop import BatchPipeline, StopRequested, evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -62,7 +71,7 @@ def use_bf16(device: torch.device, precision: str) -> bool:
 def load_job_data(ctx, spec: JobSpec, generator: torch.Generator, size: tuple[int, int] | None = None) -> JobData:
     """Decode the dataset into memory (at `size`, else params.image_size, else the dataset's own size)."""
     params = spec.params
-    dataset = get_dataset(ctx.db, spec.dataset)
+    dataset = call_db(get_dataset, ctx.db, spec.dataset)
     if size is None and params.image_size:
         size = (params.image_size, params.image_size)
     splits = FORMATS.get(dataset.format).obj.load(dataset.path, size)
@@ -152,9 +161,13 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
     summary: dict[str, Any] = {}
     progress: dict[str, Any] = {}
     start_epoch = 1
-    resumed = resume_state(job)
+    # Epochs whose metrics an earlier attempt already logged: retrained after falling back past a torn
+    # checkpoint, they are not logged again (MLflow keeps one value per epoch, the first).
+    point = resume_state(ctx, job)
+    logged_epochs: set[int] = run.logged_steps("train_loss") if point is not None else set()
+    resumed = point.state if point is not None else None
     if resumed is not None:
-        last_checkpoint = Path(job.checkpoint_path)
+        last_checkpoint = point.path
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         if scheduler is not None:
@@ -165,11 +178,12 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
         if "stopped_early_at_epoch" in summary:
             start_epoch = params.epochs + 1  # the lost attempt had already decided to stop
         progress = {"epoch": resumed["epoch"], "epochs": params.epochs, "batch": 0, "batches": len(train_batches)}
-        if resumed["epoch"] not in run.logged_steps("train_loss"):
+        if resumed["epoch"] not in logged_epochs:
             # The lost attempt checkpointed this epoch but died before its metrics were written.
             for key, value in resumed["metrics"].items():
                 step_metrics.add(key, value, resumed["epoch"])
             step_metrics.commit()
+            logged_epochs.add(resumed["epoch"])
     try:
         for epoch in range(start_epoch, params.epochs + 1):
             started = time.perf_counter()
@@ -213,21 +227,25 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
                 "best": {"value": best["value"], "epoch": best["epoch"]}, "best_model": best["state"],
             }, checkpoint_path)
             lease.progress = progress
-            if not jobs.record_progress(ctx.db, job.id, job.attempt, progress=progress, metrics=summary,
-                                        checkpoint_path=str(checkpoint_path), checkpoint_sha256=sha,
-                                        checkpoint_epoch=epoch):
+            # Retried through a database outage: training waits here rather than log an unrecorded epoch.
+            if not call_db(jobs.record_progress, ctx.db, job.id, job.attempt, progress=progress, metrics=summary,
+                           checkpoint_path=str(checkpoint_path), checkpoint_sha256=sha, checkpoint_epoch=epoch):
                 lease.lease_lost.set()  # fenced off: another attempt owns the job now; write nothing more
-                checkpoint_path.unlink(missing_ok=True)
+                remove_checkpoint(checkpoint_path)
                 raise StopRequested
-            if last_checkpoint is not None and last_checkpoint.parent == checkpoint_dir and \
-                    last_checkpoint.name.startswith(f"attempt-{job.attempt}-"):
-                last_checkpoint.unlink(missing_ok=True)  # this attempt's previous epoch: superseded
+            # Keep this epoch's checkpoint and the one before it: if this one turns out torn, a resume
+            # falls back to the previous one.
+            prune_checkpoints(checkpoint_dir, keep={checkpoint_path, *([last_checkpoint] if last_checkpoint else [])},
+                              up_to_epoch=epoch)
             last_checkpoint = checkpoint_path
-            for key, value in epoch_metrics.items():
-                step_metrics.add(key, value, epoch)
-            step_metrics.commit()
-            if splits.task == "segmentation" and (epoch % OVERLAY_EVERY == 0 or epoch == params.epochs):
-                run.log_image_step(sample_overlay(model, splits, data), "sample_predictions", epoch)
+            if epoch in logged_epochs:
+                step_metrics.discard()
+            else:
+                for key, value in epoch_metrics.items():
+                    step_metrics.add(key, value, epoch)
+                step_metrics.commit()
+                if splits.task == "segmentation" and (epoch % OVERLAY_EVERY == 0 or epoch == params.epochs):
+                    run.log_image_step(sample_overlay(model, splits, data), "sample_predictions", epoch)
 
             if "stopped_early_at_epoch" in summary:
                 break
@@ -240,9 +258,11 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
         test = evaluate(model, test_batches, data.pipeline, loss_fn, metrics, bf16=data.bf16,
                         should_stop=lease.should_stop)
         summary.update(prefixed("test", test.scalars))
-        for key, value in prefixed("test", test.scalars).items():
-            step_metrics.add(key, value, progress.get("epoch", 0))
-        step_metrics.commit()
+        test_step = progress.get("epoch", 0)
+        if point is None or test_step not in run.logged_steps(f"test_{primary}"):  # not if a lost attempt did
+            for key, value in prefixed("test", test.scalars).items():
+                step_metrics.add(key, value, test_step)
+            step_metrics.commit()
     finally:
         step_metrics.close()
         monitor.finish()
@@ -257,12 +277,19 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
     return summary, progress
 
 
-def resume_state(job: JobView) -> dict[str, Any] | None:
-    """The last complete checkpoint of an earlier attempt of this job, if there is one."""
+def resume_state(ctx, job: JobView) -> ResumePoint | None:
+    """Where an attempt after the first resumes: the last complete checkpoint of an earlier attempt, or the
+    one before it when that one is torn (noted in the job's history); None on a first attempt."""
     if job.attempt <= 1 or not job.checkpoint_path:
         return None
-    log.info("job %s attempt %s resumes from epoch %s", job.id, job.attempt, job.checkpoint_epoch)
-    return load_checkpoint(job.checkpoint_path, job.checkpoint_sha256)
+    point = latest_usable_checkpoint(job.checkpoint_path, job.checkpoint_sha256, job.checkpoint_epoch or 0)
+    epoch = point.state["epoch"] if point.state is not None else 0
+    if point.rejected:
+        unusable = "; ".join(point.rejected)
+        where = f"fell back to the epoch-{epoch} checkpoint" if epoch else "no usable checkpoint; starting over"
+        call_db(jobs.note_event, ctx.db, job.id, job.attempt, f"checkpoint unusable ({unusable}); {where}"[:2000])
+    log.info("job %s attempt %s resumes from epoch %s", job.id, job.attempt, epoch)
+    return point
 
 
 def sample_overlay(model: nn.Module, splits: ImageSplits, data: JobData, count: int = 8) -> bytes:
@@ -315,4 +342,4 @@ def register_model(ctx, job: JobView, spec: JobSpec, run: JobRun, model_uri: str
         tags={"trainyard.architecture": spec.architecture, "trainyard.dataset": data.dataset.name,
               "trainyard.dataset_fingerprint": data.dataset.fingerprint},
     )
-    jobs.record_progress(ctx.db, job.id, job.attempt, model_name=name, model_version=version.version)
+    call_db(jobs.record_progress, ctx.db, job.id, job.attempt, model_name=name, model_version=version.version)

@@ -1,0 +1,149 @@
+"""Outages of the parts around a worker: the database goes away mid-job, Redis restarts under queued and
+running jobs, and a message arrives twice. Real worker processes, real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from trainyard.db import upgrade_schema
+from trainyard.queueing import CeleryDispatch
+from trainyard.tracking import JOB_ID_TAG
+from trainyard_web import create_app
+from conftest import (
+    POSTGRES_ADMIN_URL,
+    WorkerProcess,
+    authed_client,
+    make_settings,
+    redis_queue_messages,
+    wait_for_job,
+    wait_until,
+)
+from tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.slow
+
+FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def submit(client, epochs: int, batch_size: int) -> int:
+    response = client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                                 "register": False,
+                                                 "params": {"epochs": epochs, "batch_size": batch_size}})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["id"]
+
+
+def progress(client, job_id: int) -> dict:
+    return client.get(f"/api/v1/jobs/{job_id}").get_json()["progress"]
+
+
+def transitions(job: dict) -> list[tuple]:
+    return [(e["from_status"], e["to_status"], e["attempt"]) for e in job["events"]]
+
+
+def epoch_steps(settings, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(settings.mlflow_tracking_uri).get_metric_history(run_id, key))
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start(settings, name: str, command: str = "worker") -> WorkerProcess:
+        process = WorkerProcess(settings, tmp_path / f"{name}.log", command=command)
+        started.append(process)
+        if command == "worker":
+            process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def postgres_proxy():
+    admin = urlsplit(POSTGRES_ADMIN_URL)
+    proxy = TcpProxy(admin.hostname or "127.0.0.1", admin.port or 5432)
+    yield proxy
+    proxy.close()
+
+
+def test_a_database_outage_mid_job_delays_it_but_never_fails_it(tmp_path, postgres, redis_broker_url,
+                                                                  postgres_proxy, processes):
+    direct = postgres.create()
+    upgrade_schema(direct)
+    # A lease that outlives the outage: the job must come through on its first attempt.
+    settings = make_settings(tmp_path, database_url=direct, broker_url=redis_broker_url).model_copy(
+        update={"heartbeat_seconds": 0.5, "lease_seconds": 20.0, "reconcile_seconds": 1.0})
+    port = urlsplit(direct).port or 5432
+    through_proxy = settings.model_copy(
+        update={"database_url": direct.replace(f":{port}/", f":{postgres_proxy.port}/", 1)})
+    worker = processes(through_proxy, "worker")  # only the worker's database goes away
+    processes(settings, "reconciler", command="reconciler")  # would re-queue the job if its lease lapsed
+    client = authed_client(create_app(settings))
+
+    job_id = submit(client, epochs=6, batch_size=16)
+    wait_until(lambda: progress(client, job_id).get("epoch", 0) >= 1, 240, "job never finished an epoch")
+    postgres_proxy.cut()
+    time.sleep(6)  # several epochs long: the worker must checkpoint into the outage
+    postgres_proxy.restore()
+
+    job = wait_for_job(client, job_id, FINAL, timeout=240)
+    assert job["status"] == "SUCCEEDED" and job["attempt"] == 1, f"{job['error']}\n{worker.log()[-4000:]}"
+    assert transitions(job) == [(None, "QUEUED", 0), ("QUEUED", "RUNNING", 1), ("RUNNING", "SUCCEEDED", 1)]
+    log = worker.log()
+    assert postgres_proxy.refused > 0
+    assert "database unreachable during record_progress" in log  # an epoch's bookkeeping waited it out
+    assert "database unreachable during renew_lease" in log
+    for key in ("train_loss", "val_accuracy"):
+        assert epoch_steps(settings, job["mlflow_run_id"], key) == [1, 2, 3, 4, 5, 6]
+
+
+def test_queued_and_running_jobs_survive_a_redis_restart(tmp_path, postgres, private_redis, processes):
+    settings = make_settings(tmp_path, database_url=postgres.create(), broker_url=private_redis.url).model_copy(
+        update={"heartbeat_seconds": 0.5})
+    upgrade_schema(settings.database_url)
+    worker = processes(settings, "worker")
+    client = authed_client(create_app(settings))
+
+    running = submit(client, epochs=3, batch_size=8)
+    wait_until(lambda: progress(client, running).get("batch", 0) > 0, 240, "first job never started")
+    queued = [submit(client, epochs=1, batch_size=64) for _ in range(3)]
+    assert len(redis_queue_messages(private_redis.url)) == 3  # waiting on the broker, not in the worker
+    private_redis.restart()  # SIGTERM and start again on the same append-only file
+
+    for job_id in [running, *queued]:
+        job = wait_for_job(client, job_id, FINAL, timeout=240)
+        assert job["status"] == "SUCCEEDED" and job["attempt"] == 1, f"{job_id}: {job['error']}"
+    assert "Connection to broker lost" in worker.log()  # the worker did see Redis go, and came back
+
+
+def test_a_message_delivered_again_while_its_job_runs_trains_it_once(tmp_path, postgres, redis_broker_url,
+                                                                      processes):
+    settings = make_settings(tmp_path, database_url=postgres.create(), broker_url=redis_broker_url).model_copy(
+        update={"heartbeat_seconds": 0.5})
+    upgrade_schema(settings.database_url)
+    workers = [processes(settings, "worker-a"), processes(settings, "worker-b")]
+    client = authed_client(create_app(settings))
+
+    job_id = submit(client, epochs=3, batch_size=8)
+    wait_until(lambda: progress(client, job_id).get("batch", 0) > 0, 240, "job never started")
+    dispatch = CeleryDispatch(settings)
+    dispatch(job_id, "training", 0)  # the same message again, e.g. redelivered after a broker hiccup
+    dispatch.close()
+    skipped = f"job {job_id} is not claimable"
+    wait_until(lambda: any(skipped in w.log() for w in workers), 60, "the second delivery never arrived")
+    assert client.get(f"/api/v1/jobs/{job_id}").get_json()["status"] == "RUNNING"  # it came while training
+
+    job = wait_for_job(client, job_id, FINAL, timeout=240)
+    assert job["status"] == "SUCCEEDED" and job["attempt"] == 1, job["error"]
+    assert transitions(job) == [(None, "QUEUED", 0), ("QUEUED", "RUNNING", 1), ("RUNNING", "SUCCEEDED", 1)]
+    tracking = MlflowClient(settings.mlflow_tracking_uri)
+    experiment_id = tracking.get_run(job["mlflow_run_id"]).info.experiment_id
+    assert len(tracking.search_runs([experiment_id], filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'")) == 1
+    assert epoch_steps(settings, job["mlflow_run_id"], "train_loss") == [1, 2, 3]
