@@ -45,6 +45,13 @@ def test_job_trains_to_success_and_mlflow_holds_the_run(settings, client, start_
     assert job["metrics"]["val_accuracy"] >= 0.9
     assert [e["to_status"] for e in job["events"]] == ["QUEUED", "RUNNING", "SUCCEEDED"]
 
+    # The job's own log holds its worker's lines; the worker registered itself, idle again now.
+    lines = [item["line"] for item in client.get(f"/api/v1/jobs/{job['id']}/logs").get_json()["items"]]
+    assert any("epoch 4/4: train_loss=" in line for line in lines), lines
+    pool = client.get("/api/v1/workers").get_json()
+    assert [(w["alive"], w["queues"], w["current_job"]) for w in pool["workers"]] == [(True, ["training"], None)]
+    assert pool["workers"][0]["device"].startswith("CPU")
+
     client_ml = MlflowClient(settings.mlflow_tracking_uri)
     run = client_ml.get_run(job["mlflow_run_id"])
     assert run.info.status == "FINISHED"

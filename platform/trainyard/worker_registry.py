@@ -52,11 +52,16 @@ def register_worker(db: Database, *, name: str, host: str, device: str, queues: 
         s.merge(row)
 
 
-def heartbeat(db: Database, name: str, *, current_job: int | None) -> bool:
-    """Say the worker is alive and what it runs; False if it was never registered."""
+UNCHANGED = object()
+
+
+def heartbeat(db: Database, name: str, *, current_job: int | None | object = UNCHANGED) -> bool:
+    """Say the worker is alive (and, if given, what it runs now); False if it was never registered."""
+    values: dict = {"last_seen": utcnow(), "stopped_at": None}
+    if current_job is not UNCHANGED:
+        values["current_job"] = current_job
     with db.session_scope() as s:
-        return s.execute(update(Worker).where(Worker.name == name)
-                         .values(last_seen=utcnow(), current_job=current_job, stopped_at=None)).rowcount == 1
+        return s.execute(update(Worker).where(Worker.name == name).values(**values)).rowcount == 1
 
 
 def worker_stopped(db: Database, name: str) -> None:

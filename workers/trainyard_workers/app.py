@@ -6,11 +6,12 @@ import signal
 
 import psutil
 from celery import Celery
-from celery.signals import worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from trainyard.config import Settings
 from trainyard.queueing import RUN_JOB_TASK, celery_config
 from trainyard_workers import drain, engine
+from trainyard_workers.presence import Presence
 
 
 def create_celery_app(settings: Settings) -> Celery:
@@ -23,12 +24,25 @@ def create_celery_app(settings: Settings) -> Celery:
     app.steps["consumer"].add(drain.DrainStep)  # `python -m trainyard_workers drain`
     context = engine.WorkerContext(settings)
 
-    @app.task(name=RUN_JOB_TASK, ignore_result=True)
-    def run_job(job_id: int) -> None:
+    @app.task(name=RUN_JOB_TASK, ignore_result=True, bind=True)
+    def run_job(task, job_id: int) -> None:
         # Set here, not at process start: the pool installs its own SIGTERM handler after that. In a pool
         # process SIGTERM now means "hand the job back", not "die mid-batch".
         signal.signal(signal.SIGTERM, lambda *_: engine.SHUTTING_DOWN.set())
-        engine.run_job(context, job_id)
+        engine.run_job(context, job_id, worker_name=task.request.hostname)
+
+    presence: list[Presence] = []
+
+    @worker_ready.connect(weak=False)
+    def _register(sender=None, **_) -> None:
+        queues = sorted(q.name for q in sender.task_consumer.queues) if sender.task_consumer else []
+        presence.append(Presence(settings, sender.hostname, queues))
+        presence[-1].start()
+
+    @worker_shutdown.connect(weak=False)
+    def _unregister(**_) -> None:
+        for p in presence:
+            p.stop()
 
     return app
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from trainyard import jobs
+from trainyard import jobs, worker_registry
 from trainyard.config import Settings
 from trainyard.db import Database
 from trainyard.jobs import JobView
@@ -21,6 +21,7 @@ from trainyard.queueing import CeleryDispatch
 from trainyard.tracking import JobRun
 from trainyard_workers.db_retry import call_db, claim, end_attempt, is_connection_error
 from trainyard_workers.evaluation import run_evaluation
+from trainyard_workers.job_log import JobLogCapture
 from trainyard_workers.loop import StopRequested
 from trainyard_workers.prediction import run_prediction
 from trainyard_workers.training import run_training
@@ -68,9 +69,10 @@ class LeaseKeeper:
     heartbeat interval, whatever the batch rate.
     """
 
-    def __init__(self, ctx: WorkerContext, job: JobView) -> None:
+    def __init__(self, ctx: WorkerContext, job: JobView, log_capture: JobLogCapture | None = None) -> None:
         self._ctx = ctx
         self._job = job
+        self._log_capture = log_capture
         self.progress: dict[str, Any] = dict(job.progress)
         self.cancel_requested = threading.Event()
         self.lease_lost = threading.Event()
@@ -106,23 +108,42 @@ class LeaseKeeper:
                 self.lease_lost.set()
             if state.cancel_requested:
                 self.cancel_requested.set()
+            if self._log_capture is not None:
+                self._log_capture.flush_to_db()
 
 
 # What each job kind runs once claimed: (ctx, job, lease, run) → (final metrics, final progress).
 JOB_KINDS = {"train": run_training, "evaluate": run_evaluation, "predict": run_prediction}
 
 
-def run_job(ctx: WorkerContext, job_id: int) -> None:
+def run_job(ctx: WorkerContext, job_id: int, worker_name: str | None = None) -> None:
     """Claim `job_id` and run it to an outcome; a job that is not claimable is left alone."""
     job = claim(ctx.db, job_id, ctx.worker_id, ctx.settings.lease_seconds)
     if job is None:
         log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
         return
+    _show_current_job(ctx, worker_name, job.id)
+    try:
+        with JobLogCapture(ctx.db, job.id, job.attempt) as capture:
+            _run_claimed(ctx, job, capture)
+    finally:
+        _show_current_job(ctx, worker_name, None)
+
+
+def _show_current_job(ctx: WorkerContext, worker_name: str | None, job_id: int | None) -> None:
+    if worker_name:
+        try:
+            worker_registry.heartbeat(ctx.db, worker_name, current_job=job_id)
+        except Exception:  # the registry is for people: never let it stop a job
+            log.warning("could not record worker %s's current job", worker_name, exc_info=True)
+
+
+def _run_claimed(ctx: WorkerContext, job: JobView, capture: JobLogCapture) -> None:
     log.info("job %s attempt %s started on %s", job.id, job.attempt, ctx.worker_id)
     if ctx.settings.torch_threads:
         torch.set_num_threads(ctx.settings.torch_threads)
     run: JobRun | None = None
-    with LeaseKeeper(ctx, job) as lease:
+    with LeaseKeeper(ctx, job, capture) as lease:
         try:
             if job.mlflow_run_id:  # a resumed attempt continues its job's run: one value per epoch, one run
                 run = JobRun(ctx.settings, job.mlflow_run_id)

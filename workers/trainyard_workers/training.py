@@ -227,6 +227,8 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
                 "best": {"value": best["value"], "epoch": best["epoch"]}, "best_model": best["state"],
             }, checkpoint_path)
             lease.progress = progress
+            log.info("epoch %s/%s: %s", epoch, params.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items() if isinstance(v, float)))
             # Retried through a database outage: training waits here rather than log an unrecorded epoch.
             if not call_db(jobs.record_progress, ctx.db, job.id, job.attempt, progress=progress, metrics=summary,
                            checkpoint_path=str(checkpoint_path), checkpoint_sha256=sha, checkpoint_epoch=epoch):
