@@ -44,9 +44,12 @@ class FormField:
 
     @property
     def bounds(self) -> str:
-        low = (">" if self.exclusive_minimum else "≥") + f" {self.minimum:g}" if self.minimum is not None else ""
-        high = ("<" if self.exclusive_maximum else "≤") + f" {self.maximum:g}" if self.maximum is not None else ""
+        low = (">" if self.exclusive_minimum else "≥") + f" {self._number(self.minimum)}" if self.minimum is not None else ""
+        high = ("<" if self.exclusive_maximum else "≤") + f" {self._number(self.maximum)}" if self.maximum is not None else ""
         return ", ".join(p for p in (low, high) if p)
+
+    def _number(self, value: float) -> str:
+        return f"{int(value):,}" if self.integer else f"{value:g}"
 
     @property
     def step(self) -> str:
@@ -92,7 +95,7 @@ def launch_fields(datasets: list[Any], task: str | None) -> list[FormField]:
                                   for d in datasets]
     by_name["architecture"].kind, by_name["architecture"].required = "select", True
     by_name["architecture"].choices = architecture_choices(task)
-    by_name["architecture_options"].default = {}
+    by_name["architecture_options"].default, by_name["architecture_options"].required = {}, False
     fields += [_from_schema(f"params.{name}", prop, "params") for name, prop in _properties(TrainParams).items()]
     for prefix, model, name in TAIL_FIELDS:
         path = f"{prefix}.{name}" if prefix else name
