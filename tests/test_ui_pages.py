@@ -13,7 +13,7 @@ from sqlalchemy import update
 
 from trainyard import job_logs, jobs, worker_registry
 from trainyard.db import Database
-from trainyard.models import Job, JobStatus, Worker, utcnow
+from trainyard.models import JobStatus, Worker, utcnow
 
 from conftest import authed_client, ui_login
 
