@@ -147,3 +147,24 @@ def test_a_message_delivered_again_while_its_job_runs_trains_it_once(tmp_path, p
     experiment_id = tracking.get_run(job["mlflow_run_id"]).info.experiment_id
     assert len(tracking.search_runs([experiment_id], filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'")) == 1
     assert epoch_steps(settings, job["mlflow_run_id"], "train_loss") == [1, 2, 3]
+
+
+def test_the_web_app_answers_503_while_the_database_is_away_and_recovers(tmp_path, postgres, redis_broker_url,
+                                                                        postgres_proxy):
+    direct = postgres.create()
+    upgrade_schema(direct)
+    port = urlsplit(direct).port or 5432
+    settings = make_settings(tmp_path, database_url=direct.replace(f":{port}/", f":{postgres_proxy.port}/", 1),
+                             broker_url=redis_broker_url)
+    client = authed_client(create_app(settings))
+    assert client.get("/api/v1/jobs").status_code == 200
+    postgres_proxy.cut()
+    try:
+        away = client.get("/api/v1/jobs")
+        assert away.status_code == 503 and away.headers["Retry-After"] == "5"
+        assert away.get_json()["title"] == "Database unreachable"
+        assert client.get("/api/v1/health").get_json()["checks"]["database"]["ok"] is False
+    finally:
+        postgres_proxy.restore()
+    wait_until(lambda: client.get("/api/v1/jobs").status_code == 200, 30, "the web app did not recover")
+    assert client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn"}).status_code == 201

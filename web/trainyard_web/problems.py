@@ -8,6 +8,7 @@ from typing import Any
 from apiflask import APIFlask
 from apiflask.exceptions import HTTPError
 from flask import request
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from trainyard.errors import TrainyardError, Unauthorized
@@ -57,6 +58,17 @@ def register_problem_handlers(app: APIFlask) -> None:
         body, status, headers = problem(error.status, error.title, error.detail, error.errors)
         if isinstance(error, Unauthorized):
             headers["WWW-Authenticate"] = 'Bearer realm="trainyard"'
+        return body, status, headers
+
+    @app.errorhandler(DBAPIError)
+    def _database_unreachable(error: DBAPIError):
+        if not error.connection_invalidated and not isinstance(error, (OperationalError, InterfaceError)):
+            return _unexpected(error)
+        # The pool reconnects (pre-ping) on the next request: tell the caller to come back, not that we broke.
+        log.warning("database unreachable on %s %s: %s", request.method, request.path, error.orig)
+        body, status, headers = problem(503, "Database unreachable",
+                                        "The platform database did not answer; retry in a few seconds.")
+        headers["Retry-After"] = "5"
         return body, status, headers
 
     @app.errorhandler(Exception)
