@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -219,9 +220,10 @@ def latest_step_image(settings: Settings, run_id: str, key: str) -> tuple[int, b
     best: tuple[int, str] | None = None
     for item in client.list_artifacts(run_id, "images"):
         name = Path(item.path).name
-        # MLflow names step images "<key>%step%<n>%timestamp%<ms>%<uuid>.png" (plus a compressed twin)
-        parts = name.split("%")
-        if item.is_dir or parts[0] != key or "step" not in parts or not name.endswith(".png") or "compressed" in name:
+        # MLflow names step images "<key>+step+<n>+timestamp+<ms>+<uuid>.png" (older releases used "%"),
+        # each with a compressed .webp twin.
+        parts = re.split(r"[%+]", name.removesuffix(".png"))
+        if item.is_dir or parts[0] != key or "step" not in parts or not name.endswith(".png"):
             continue
         step = int(parts[parts.index("step") + 1])
         if best is None or step > best[0]:
