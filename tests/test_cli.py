@@ -114,6 +114,16 @@ def test_trainyard_up_runs_a_job_and_stops_cleanly_on_ctrl_c(tmp_path):
         assert current["status"] == "SUCCEEDED", current["error"]
         assert httpx.get(f"http://127.0.0.1:{mlflow_port}/health", timeout=10).status_code == 200
         assert (tmp_path / "data" / "trainyard.db").exists() and (tmp_path / "data" / "mlflow.db").exists()
+
+        # Draining the worker pool leaves the rest of the platform up.
+        drained = subprocess.run([sys.executable, "-m", "trainyard", "worker", "--drain", "--wait"], env=env,
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        deadline = time.monotonic() + 60
+        while "worker pool drained" not in (tmp_path / "up.log").read_text():
+            assert time.monotonic() < deadline and up.poll() is None, (tmp_path / "up.log").read_text()
+            time.sleep(0.5)
+        assert api.get("/health").status_code in (200, 503) and up.poll() is None
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=60)

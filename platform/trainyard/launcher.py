@@ -103,6 +103,12 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
         else:
             console.print(f"admin token: in {settings.admin_token_path}", soft_wrap=True)
         exited = group.wait()
+        while exited is not None and exited.name == "worker" and exited.process.returncode == 0:
+            # `trainyard worker --drain` ends the pool cleanly; the web UI and API stay up to show the jobs.
+            console.print("worker pool drained; jobs stay queued until a worker starts "
+                          "(`trainyard worker`). The rest keeps running.")
+            group.children.remove(exited)
+            exited = group.wait()
         if exited is not None:
             console.print(f"[red]{exited.name} exited with code {exited.process.returncode}; stopping the rest[/]")
             return 1
