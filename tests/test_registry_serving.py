@@ -38,7 +38,8 @@ def platform(tmp_path_factory, redis_server):
 
 def _platform(tmp_path_factory, broker_url):
     tmp = tmp_path_factory.mktemp("registry")
-    settings = make_settings(tmp, broker_url=broker_url)
+    # The load test below sends thousands of predictions a minute on purpose.
+    settings = make_settings(tmp, broker_url=broker_url).model_copy(update={"predict_rate_limit": "100000/minute"})
     upgrade_schema(settings.database_url)
     app = create_app(settings)
     client = authed_client(app)
@@ -245,6 +246,7 @@ def test_alias_move_under_load_switches_without_a_failed_request(platform):
 
     def hammer() -> None:
         local = client.application.test_client()
+        local.environ_base.update(client.environ_base)  # the same token
         while not stop.is_set():
             response = predict_files(local, files[:4], "?alias=live")
             answers.append((time.monotonic(), response.status_code, response.get_json().get("version", -1)))
@@ -277,6 +279,7 @@ def test_trainyard_serve_runs_the_endpoint_on_its_own(platform, tmp_path):
     client.put(f"/api/v1/models/{MODEL}/aliases/production", json={"version": version_of(jobs, "strong", client),
                                                                      "force": True})
     port = free_port()
+    member = {"Authorization": f"Bearer {make_token(settings, 'member', 'ada')}"}
     env = {**os.environ, "TRAINYARD_DATA_DIR": str(settings.data_dir), "TRAINYARD_DATABASE_URL": settings.database_url,
            "TRAINYARD_BROKER_URL": settings.broker_url, "TRAINYARD_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
            "TRAINYARD_SERVE_PORT": str(port),
@@ -291,14 +294,17 @@ def test_trainyard_serve_runs_the_endpoint_on_its_own(platform, tmp_path):
         while True:
             try:
                 response = httpx.post(f"http://127.0.0.1:{port}/api/v1/models/{MODEL}/predict",
-                                      files=[("images", ("a.png", files[0], "image/png"))], timeout=30)
+                                      files=[("images", ("a.png", files[0], "image/png"))], headers=member,
+                                      timeout=30)
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline and server.poll() is None
                 time.sleep(0.5)
         assert response.status_code == 200, response.text
         assert int(response.json()["predictions"][0]["top"][0]["label"]) == labels[0]
-        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/jobs", timeout=10).status_code == 404  # serving only
+        assert httpx.post(f"http://127.0.0.1:{port}/api/v1/models/{MODEL}/predict", timeout=10,
+                          files=[("images", ("a.png", files[0], "image/png"))]).status_code == 401  # tokens here too
+        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/jobs", headers=member, timeout=10).status_code == 404
     finally:
         server.terminate()
         server.wait(timeout=30)
