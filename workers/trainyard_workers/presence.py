@@ -48,10 +48,8 @@ class Presence:
 
     def start(self) -> None:
         self._db = Database(self.settings.database_url)
-        device, memory = describe_device()
         try:
-            worker_registry.register_worker(self._db, name=self.name, host=socket.gethostname(), device=device,
-                                            device_memory_mb=memory, queues=self.queues)
+            self._register()
         except Exception:  # the registry is for people; a database hiccup must not stop the worker
             log.exception("could not register worker %s", self.name)
         threading.Thread(target=self._beat, name="worker-heartbeat", daemon=True).start()
@@ -60,11 +58,11 @@ class Presence:
         while not self._stopped.wait(BEAT_SECONDS):
             try:
                 if not worker_registry.heartbeat(self._db, self.name):
-                    self.start_again()
+                    self._register()  # its row was removed (a wiped database): register again
             except Exception:
                 log.warning("worker heartbeat failed; trying again in %.0f s", BEAT_SECONDS, exc_info=True)
 
-    def start_again(self) -> None:
+    def _register(self) -> None:
         device, memory = describe_device()
         worker_registry.register_worker(self._db, name=self.name, host=socket.gethostname(), device=device,
                                         device_memory_mb=memory, queues=self.queues)
