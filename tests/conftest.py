@@ -96,7 +96,7 @@ def redis_broker_url(redis_server: str) -> Iterator[str]:
         yield url
 
 
-def redis_queue_messages(broker_url: str, queue: str = "training") -> list[bytes]:
+def redis_queue_messages(broker_url: str, queue: str = "cpu") -> list[bytes]:
     """Messages waiting in a Redis-backed Celery queue, across kombu's per-priority lists."""
     client = redis.Redis.from_url(broker_url)
     keys = [queue] + [f"{queue}:{p}" for p in range(1, 10)]

@@ -134,7 +134,7 @@ def test_a_message_delivered_again_while_its_job_runs_trains_it_once(tmp_path, p
     job_id = submit(client, epochs=3, batch_size=8)
     wait_until(lambda: progress(client, job_id).get("batch", 0) > 0, 240, "job never started")
     dispatch = CeleryDispatch(settings)
-    dispatch(job_id, "training", 0)  # the same message again, e.g. redelivered after a broker hiccup
+    dispatch(job_id, "cpu", 1)  # the same message again, e.g. redelivered after a broker hiccup
     dispatch.close()
     skipped = f"job {job_id} is not claimable"
     wait_until(lambda: any(skipped in w.log() for w in workers), 60, "the second delivery never arrived")

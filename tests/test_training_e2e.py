@@ -49,7 +49,7 @@ def test_job_trains_to_success_and_mlflow_holds_the_run(settings, client, start_
     lines = [item["line"] for item in client.get(f"/api/v1/jobs/{job['id']}/logs").get_json()["items"]]
     assert any("epoch 4/4: train_loss=" in line for line in lines), lines
     pool = client.get("/api/v1/workers").get_json()
-    assert [(w["alive"], w["queues"], w["current_job"]) for w in pool["workers"]] == [(True, ["training"], None)]
+    assert [(w["alive"], w["queues"], w["current_job"]) for w in pool["workers"]] == [(True, ["cpu"], None)]
     assert pool["workers"][0]["device"].startswith("CPU")
 
     client_ml = MlflowClient(settings.mlflow_tracking_uri)
@@ -101,7 +101,7 @@ def test_second_delivery_of_a_message_does_not_train_twice(settings, client, sta
     job = client.post("/api/v1/jobs", json={
         "kind": "train", "dataset": "digits", "architecture": "cnn", "params": {"epochs": 1}}).get_json()
     dispatch = CeleryDispatch(settings)
-    dispatch(job["id"], "training", 0)  # the same job id, delivered again
+    dispatch(job["id"], "cpu", 1)  # the same job id, delivered again
     dispatch.close()
     done = wait_for_job(client, job["id"], {"SUCCEEDED", "FAILED", "CANCELLED"})
     assert done["status"] == "SUCCEEDED" and done["attempt"] == 1

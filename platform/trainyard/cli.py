@@ -147,9 +147,9 @@ def submit(
     split: str = typer.Option(None, help="evaluate: train, val or test (default test)."),
     name: str = typer.Option(None, help="Job name (default: <architecture>-<dataset>)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Hyperparameter as key=value, e.g. -p epochs=5."),
-    queue: str = typer.Option(None, help="Queue (resources.queue)."),
-    gpus: int = typer.Option(None, help="GPUs (resources.gpus)."),
-    priority: int = typer.Option(None, help="0–9, higher runs first."),
+    queue: str = typer.Option(None, help="Queue (resources.queue), e.g. gpu, gpu.h100, cpu."),
+    gpus: int = typer.Option(None, help="Devices (resources.gpus, 1–8); more than 1 trains with DDP."),
+    priority: str = typer.Option(None, help="low, normal (default) or high: higher starts first in its queue."),
     spec_file: Path = typer.Option(None, "--spec", help="A JSON job spec; options above override its fields."),
     watch: bool = typer.Option(False, "--watch", "-w", help="Follow the job until it ends."),
 ) -> None:

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(8 * 1024**3, ge=1024, description="what an archive may unpack to")
     max_unpacked_files: int = Field(200_000, ge=1)
 
-    queue: str = "training"
+    # Where a job goes when its spec names no queue. A GPU worker serves gpu.<type> and gpu, a CPU worker
+    # cpu; `trainyard up` sets gpu when the machine has GPUs and this is not set.
+    queue: str = Field("cpu", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
     lease_seconds: float = Field(60.0, gt=0)
     heartbeat_seconds: float = Field(2.0, gt=0)
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")

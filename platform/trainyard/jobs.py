@@ -22,11 +22,12 @@ from trainyard.db import Database
 from trainyard.errors import Conflict, Forbidden, NotFound, ServiceUnavailable
 from trainyard.models import Job, JobEvent, JobStatus, to_view, utcnow
 from trainyard.spec_checks import checked_spec, default_name
-from trainyard.specs import JobSpec
+from trainyard.specs import PRIORITY_LEVELS, PRIORITY_NAMES, JobSpec, dispatch_queue
 
 log = logging.getLogger(__name__)
 
-# (job id, queue, priority 0–9) → message on the broker. Called only after the job's row is committed.
+# (job id, broker queue, priority 0 low – 2 high) → message on the broker. Called only after the job's row is
+# committed.
 Dispatch = Callable[[int, str, int], None]
 
 
@@ -49,7 +50,7 @@ class JobView:
     architecture: str
     spec: dict[str, Any]
     queue: str
-    priority: int
+    priority: str  # low, normal, high
     attempt: int
     max_attempts: int
     lease_owner: str | None
@@ -84,7 +85,8 @@ class LeaseState:
 
 
 def _view(row: Job, events: Sequence[JobEvent] = ()) -> JobView:
-    return to_view(JobView, row, events=[to_view(JobEventView, e) for e in events])
+    return to_view(JobView, row, events=[to_view(JobEventView, e) for e in events],
+                   priority=PRIORITY_NAMES.get(row.priority, "normal"))
 
 
 def _transition(
@@ -137,8 +139,8 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
             dataset=spec.dataset or f"folder:{Path(spec.path or '').name}",
             architecture=spec.architecture or "",
             spec=spec.model_dump(mode="json"),
-            queue=spec.resources.queue,
-            priority=spec.priority,
+            queue=dispatch_queue(spec.resources.queue, spec.resources.gpus),
+            priority=PRIORITY_LEVELS[spec.priority],
             attempt=0,
             max_attempts=spec.max_attempts,
             cancel_requested=False,
@@ -150,10 +152,10 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
         s.flush()
         s.add(JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.QUEUED, attempt=0,
                        message=f"submitted by {owner}" if owner else "submitted"))
-        job_id = job.id
+        job_id, queue, priority = job.id, job.queue, job.priority
 
     try:
-        dispatch(job_id, spec.resources.queue, spec.priority)
+        dispatch(job_id, queue, priority)
     except Exception as exc:  # the broker is down or refused: say so rather than leave a job that never runs
         reason = f"could not enqueue: {type(exc).__name__}: {exc}"
         with db.session_scope() as s:
@@ -201,26 +203,52 @@ def list_jobs(
     return JobPage(items, items[-1].id if len(rows) > limit else None)
 
 
-def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float) -> JobView | None:
-    """QUEUED → RUNNING with attempt + 1 and a lease, atomically; None if the job is not claimable."""
+def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float, *,
+              most_urgent: bool = False) -> JobView | None:
+    """QUEUED → RUNNING with attempt + 1 and a lease, atomically; None if nothing is claimable.
+
+    With `most_urgent` (what a worker does with a message), the job claimed is the most urgent one waiting
+    in `job_id`'s queue: highest priority first, then the oldest. Priority then holds on every broker, the
+    SQLite one too, and every job still runs once: each queued job has a message of its own, and a message
+    that finds its job already taken simply takes the next.
+    """
     with db.session_scope() as s:
-        row = s.get(Job, job_id)
-        if row is None or row.status != JobStatus.QUEUED:
+        for _ in range(10):  # lost races: another worker claimed the candidate between our read and write
+            row = s.get(Job, job_id)
+            if row is None:
+                return None
+            if most_urgent:
+                row = s.scalars(select(Job).where(Job.queue == row.queue, Job.status == JobStatus.QUEUED)
+                                .order_by(Job.priority.desc(), Job.id).limit(1)).first()
+            if row is None or row.status != JobStatus.QUEUED:
+                return None
+            now = utcnow()
+            won = _transition(
+                s, row.id, from_status=JobStatus.QUEUED, to_status=JobStatus.RUNNING, attempt=row.attempt,
+                event_attempt=row.attempt + 1, message=f"started on {worker}",
+                values={
+                    "attempt": row.attempt + 1,
+                    "lease_owner": worker,
+                    "lease_expires_at": now + timedelta(seconds=lease_seconds),
+                    "started_at": now,
+                    "error": None,
+                },
+            )
+            if won:
+                claimed = row.id
+                break
+            s.expire_all()
+        else:
             return None
-        attempt = row.attempt
-        now = utcnow()
-        won = _transition(
-            s, job_id, from_status=JobStatus.QUEUED, to_status=JobStatus.RUNNING, attempt=attempt,
-            event_attempt=attempt + 1, message=f"started on {worker}",
-            values={
-                "attempt": attempt + 1,
-                "lease_owner": worker,
-                "lease_expires_at": now + timedelta(seconds=lease_seconds),
-                "started_at": now,
-                "error": None,
-            },
-        )
-    return get_job(db, job_id) if won else None
+    return get_job(db, claimed)
+
+
+def job_leased_by(db: Database, worker: str) -> JobView | None:
+    """The job this worker process holds the lease of, if any (one process runs one job at a time)."""
+    with db.session_scope() as s:
+        job_id = s.scalar(select(Job.id).where(Job.status == JobStatus.RUNNING, Job.lease_owner == worker)
+                          .order_by(Job.id.desc()).limit(1))
+    return None if job_id is None else get_job(db, job_id)
 
 
 def renew_lease(

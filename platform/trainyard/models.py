@@ -12,6 +12,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -95,7 +96,7 @@ class Job(Base):
     architecture: Mapped[str] = mapped_column(String(100))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(100))
-    priority: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[int] = mapped_column(Integer, default=1)  # specs.PRIORITY_LEVELS: 0 low, 1 normal, 2 high
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
@@ -120,6 +121,8 @@ class Job(Base):
         # The job list is "newest first, optionally by status": both served by keyset scans on id.
         Index("ix_job_status_id", "status", "id"),
         Index("ix_job_lease_expires_at", "lease_expires_at"),
+        # The claim's "most urgent job in this queue" and the queue-position count read this index.
+        Index("ix_job_queue_status_priority", "queue", "status", "priority", "id"),
     )
 
 
@@ -199,6 +202,8 @@ class Worker(Base):
     host: Mapped[str] = mapped_column(String(255))
     device: Mapped[str] = mapped_column(String(255))  # "NVIDIA H100 80GB HBM3" or "CPU (8 threads)"
     device_memory_mb: Mapped[int | None] = mapped_column(Integer)
+    gpu_utilization: Mapped[float | None] = mapped_column(Float)  # percent, from NVML, at the last heartbeat
+    gpu_memory_used_mb: Mapped[int | None] = mapped_column(Integer)
     queues: Mapped[list[str]] = mapped_column(JSON, default=list)
     current_job: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -42,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith(("redis://", "rediss://")):
         config["broker_transport_options"] = {
             "queue_order_strategy": "priority",
-            "priority_steps": list(range(10)),
+            "priority_steps": list(range(10)),  # kept as before: changing it would strand queued messages
             "sep": ":",
             # Redis hands an unacknowledged message out again after the visibility timeout. Tied to the lease:
             # a message whose worker died before claiming its job (the database never heard of it) is
@@ -67,9 +67,10 @@ class CeleryDispatch:
         self.app.conf.update(celery_config(settings))
 
     def __call__(self, job_id: int, queue: str, priority: int) -> None:
-        # Redis orders priority 0 first; in a job spec 9 is the most urgent.
+        # The claim picks the most urgent waiting job whatever message arrives; the broker's priority (Redis
+        # serves 0 first) only has high-priority messages reach the workers sooner.
         self.app.send_task(
-            RUN_JOB_TASK, args=[job_id], queue=queue, priority=9 - priority,
+            RUN_JOB_TASK, args=[job_id], queue=queue, priority={2: 0, 1: 4}.get(priority, 8),
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
 

@@ -153,9 +153,21 @@ CHECKS: dict[str, Callable[[Database, JobSpec, Settings], JobSpec]] = {
 }
 
 
+def _check_resources(spec: JobSpec, settings: Settings) -> JobSpec:
+    """Name the queue (the platform's default unless given) and check the device count fits the job."""
+    gpus = spec.resources.gpus
+    if gpus > 1 and spec.kind != "train":
+        raise _invalid("resources.gpus", f"Only a train job runs on several devices; a {spec.kind} job takes 1.")
+    if gpus > spec.params.batch_size:
+        raise _invalid("resources.gpus", f"params.batch_size ({spec.params.batch_size}) is split across the "
+                                         f"{gpus} devices; it must be at least {gpus}.")
+    resources = spec.resources.model_copy(update={"queue": spec.resources.queue or settings.queue})
+    return spec.model_copy(update={"resources": resources})
+
+
 def checked_spec(db: Database, spec: JobSpec, settings: Settings) -> JobSpec:
     """The spec to store for a job of its kind, or InvalidSpec naming the field at fault."""
-    return CHECKS[spec.kind](db, spec, settings)
+    return CHECKS[spec.kind](db, _check_resources(spec, settings), settings)
 
 
 def default_name(spec: JobSpec) -> str:

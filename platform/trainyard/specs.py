@@ -53,13 +53,28 @@ class TrainParams(BaseModel):
 
 
 class Resources(BaseModel):
-    """Where the job runs: the Celery queue its workers listen on and how many GPUs it wants."""
+    """Where the job runs: the queue whose workers take it, and how many devices it trains on."""
 
     model_config = ConfigDict(extra="forbid")
 
-    queue: str = Field("training", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
-    # A worker owns one GPU today; multi-GPU (DDP) jobs are refused until the engine can run them.
-    gpus: int = Field(0, ge=0, le=1, description="GPUs for the job (0 or 1); 0 runs on whatever the worker has.")
+    queue: str | None = Field(
+        None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$",
+        description="The queue whose workers take the job, e.g. gpu, gpu.h100, cpu "
+                    "(default: the platform's TRAINYARD_QUEUE).")
+    gpus: int = Field(
+        1, ge=1, le=8,
+        description="Devices to train on. N > 1 runs DistributedDataParallel over N GPUs of one host (N gloo "
+                    "processes on a CPU worker) and goes to queue <queue>.x<N>, served by workers of N devices.")
+
+
+PRIORITY_LEVELS = {"low": 0, "normal": 1, "high": 2}  # stored as these numbers: a higher one starts first
+PRIORITY_NAMES = {number: name for name, number in PRIORITY_LEVELS.items()}
+Priority = Literal["low", "normal", "high"]
+
+
+def dispatch_queue(queue: str, gpus: int) -> str:
+    """The broker queue a job goes to: its queue, or `<queue>.x<N>` for a job of N devices."""
+    return queue if gpus == 1 else f"{queue}.x{gpus}"
 
 
 # `register` is the spec's word for "add a registry version"; pydantic warns only because abc.ABCMeta has a
@@ -96,7 +111,8 @@ class JobSpec(BaseModel):
     split: Literal["train", "val", "test"] = Field("test", description="evaluate: the dataset split to score.")
     params: TrainParams = Field(default_factory=TrainParams)
     resources: Resources = Field(default_factory=Resources)
-    priority: int = Field(0, ge=0, le=9, description="Higher runs first where the broker supports it.")
+    priority: Priority = Field("normal", description="Among jobs waiting in the same queue, a higher priority "
+                                                     "starts first; within one priority, the older job.")
     max_attempts: int = Field(3, ge=1, le=10, description="Attempts before a lost job is failed.")
 
     @field_validator("architecture")

@@ -73,20 +73,18 @@ def call_db(fn: Callable[..., T], *args: Any, patience: float = OUTAGE_PATIENCE_
 
 
 def claim(db, job_id: int, worker: str, lease_seconds: float) -> JobView | None:
-    """`jobs.claim_job`, retried. A try that won but whose answer was lost leaves the job RUNNING under
-    this very worker (one process per job), so that job is ours; anything else is not claimable."""
+    """`jobs.claim_job` of the most urgent job in `job_id`'s queue, retried. A try that won but whose answer
+    was lost leaves a job RUNNING under this very worker (one process per job), so that job is ours."""
     tries = 0
 
     def claim_job() -> JobView | None:
         nonlocal tries
         tries += 1
-        return jobs.claim_job(db, job_id, worker, lease_seconds)
+        return jobs.claim_job(db, job_id, worker, lease_seconds, most_urgent=True)
 
     job = call_db(claim_job)
     if job is None and tries > 1:
-        current = call_db(jobs.get_job, db, job_id)
-        if current.status == JobStatus.RUNNING and current.lease_owner == worker:
-            return current
+        return call_db(jobs.job_leased_by, db, worker)
     return job
 
 

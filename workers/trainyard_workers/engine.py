@@ -117,11 +117,14 @@ JOB_KINDS = {"train": run_training, "evaluate": run_evaluation, "predict": run_p
 
 
 def run_job(ctx: WorkerContext, job_id: int, worker_name: str | None = None) -> None:
-    """Claim `job_id` and run it to an outcome; a job that is not claimable is left alone."""
+    """A message for `job_id`: claim the most urgent job waiting in its queue (usually `job_id` itself) and
+    run it to an outcome; with nothing claimable, do nothing."""
     job = claim(ctx.db, job_id, ctx.worker_id, ctx.settings.lease_seconds)
     if job is None:
-        log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
+        log.info("message for job %s: nothing claimable in its queue (taken, finished or cancelled)", job_id)
         return
+    if job.id != job_id:
+        log.info("message for job %s: took job %s, more urgent in queue %s", job_id, job.id, job.queue)
     _show_current_job(ctx, worker_name, job.id)
     try:
         with JobLogCapture(ctx.db, job.id, job.attempt) as capture:
