@@ -1,4 +1,4 @@
-"""The repository's own promises: layout, packaging pins, and the compose file."""
+"""The repository's own promises: layout, packaging pins, import rules. (Deployment files: test_deploy.py.)"""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,37 +32,6 @@ def test_torch_pins_and_console_command():
     deps = project["dependencies"]
     assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
     assert project["scripts"] == {"trainyard": "trainyard.cli:main"}
-
-
-def test_compose_file_describes_a_real_deployment():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"postgres", "redis", "mlflow", "web", "worker", "migrate"} <= set(services)
-    env = compose["x-trainyard-env"]
-    assert env["TRAINYARD_DATABASE_URL"].startswith("postgresql+psycopg://")
-    assert env["TRAINYARD_BROKER_URL"].startswith("redis://")
-    assert "--appendonly" in services["redis"]["command"] and "--requirepass" in services["redis"]["command"]
-    assert services["web"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    # MLflow has no login of its own: never published beyond the host's loopback; Redis needs a password.
-    assert all(str(port).startswith("127.0.0.1:") for port in services["mlflow"].get("ports", []))
-    assert "TRAINYARD_SECRET_KEY" in services["web"]["environment"]
-    assert "admin-token" in " ".join(services["migrate"]["command"])
-
-
-def test_compose_file_validates_with_docker_client_when_available():
-    import shutil
-
-    import pytest
-
-    if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
-                                                        capture_output=True).returncode != 0:
-        pytest.skip("no docker client with the compose plugin on this machine")
-    result = subprocess.run(
-        ["docker", "compose", "-f", "docker-compose.yml", "config", "--quiet"], cwd=ROOT,
-        capture_output=True, text=True,
-        env={"POSTGRES_PASSWORD": "x", "REDIS_PASSWORD": "y", "PATH": "/usr/bin:/bin:/usr/local/bin"},
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def test_nothing_reads_the_environment_or_connects_at_import():
