@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from trainyard.config import Settings
 from trainyard.db import alembic_config, downgrade_schema, schema_revisions, upgrade_schema
 from trainyard.errors import SchemaOutOfDate
 from trainyard.models import Base
+from trainyard.specs import JobSpec
 from conftest import ROOT
 
 
@@ -66,3 +68,31 @@ def test_worker_refuses_stale_schema(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "trainyard db upgrade" in result.stderr
+
+
+def test_priorities_and_device_counts_of_stored_jobs_carry_over(empty_db_url):
+    """0006: the old 0–9 priority becomes normal/high in the row and the stored spec; gpus 0 becomes 1."""
+    from sqlalchemy import text
+
+    upgrade_schema(empty_db_url, "0005_workers_and_job_logs")
+    engine = create_engine(empty_db_url)
+    insert = text("INSERT INTO job (kind, name, status, dataset, architecture, spec, queue, priority, attempt, "
+                  "max_attempts, cancel_requested, progress, metrics, created_at, updated_at) VALUES ('train', "
+                  "'j', 'QUEUED', 'digits', 'cnn', :spec, 'training', :priority, 0, 3, false, '{}', '{}', "
+                  "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)")
+    with engine.begin() as conn:
+        for priority in (0, 5):
+            conn.execute(insert, {"priority": priority, "spec": json.dumps(
+                {"kind": "train", "priority": priority, "resources": {"queue": "training", "gpus": 0}})})
+    upgrade_schema(empty_db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT priority, spec FROM job ORDER BY id")).all()
+    specs = [json.loads(spec) if isinstance(spec, str) else spec for _, spec in rows]
+    assert [p for p, _ in rows] == [1, 2]
+    assert [(s["priority"], s["resources"]["gpus"]) for s in specs] == [("normal", 1), ("high", 1)]
+    for spec in specs:  # what a worker does with a queued job's spec when it runs
+        JobSpec.model_validate({**spec, "dataset": "digits", "architecture": "cnn"})
+    downgrade_schema(empty_db_url, "0005_workers_and_job_logs")
+    with engine.connect() as conn:
+        assert [p for (p,) in conn.execute(text("SELECT priority FROM job ORDER BY id"))] == [0, 9]
+    engine.dispose()

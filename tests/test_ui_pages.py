@@ -119,9 +119,12 @@ def test_job_page_explains_the_wait_and_shows_the_log(browser, web_app, web_sett
     api = authed_client(web_app)
     job = api.post("/api/v1/jobs", json={**GOOD, "resources": {"queue": "gpu.a100"}}).get_json()
     page = browser.get(f"/jobs/{job['id']}").get_data(as_text=True)
-    assert "no live worker serves queue gpu.a100" in page
+    assert "no worker serves queue gpu.a100" in page
+    waiting = api.get(f"/api/v1/jobs/{job['id']}").get_json()["waiting"]
+    assert (waiting["queue"], waiting["jobs_ahead"], waiting["served_by"]) == ("gpu.a100", 0, [])
     worker_registry.register_worker(db, name="gpu0@box", host="box", device="NVIDIA A100", queues=["gpu.a100"])
     assert "served by gpu0@box" in browser.get(f"/jobs/{job['id']}/live").get_data(as_text=True)
+    assert api.get(f"/api/v1/jobs/{job['id']}").get_json()["waiting"]["served_by"] == ["gpu0@box"]
     job_logs.append(db, job["id"], 1, [(utcnow(), "epoch 1/2 train_loss=0.52"), (utcnow(), "epoch 2/2 done")])
     activity = browser.get(f"/jobs/{job['id']}/activity").get_data(as_text=True)
     assert "[attempt 1] epoch 1/2 train_loss=0.52" in activity

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from trainyard.api_client import request
+from trainyard.cli_logs import logs
 from trainyard.cli_tokens import admin_token, tokens_app
 from trainyard.config import Settings
 
@@ -28,6 +29,7 @@ models_app = typer.Typer(no_args_is_help=True, help="The model registry: version
 app.add_typer(models_app, name="models")
 app.add_typer(tokens_app, name="tokens")
 app.command("admin-token")(admin_token)
+app.command("logs")(logs)
 console = Console()
 err = Console(stderr=True)
 
@@ -91,18 +93,25 @@ def db_revision(message: str = typer.Option(..., "-m", "--message", help="Why th
 
 @app.command()
 def worker(
-    queues: str = typer.Option("", help="Comma-separated queues to consume."),
+    queues: str = typer.Option("", help="Comma-separated queues every worker consumes (default: gpu.<type>,gpu "
+                                        "per GPU worker; cpu,cpu.x2…cpu.x8 on a host without GPUs)."),
+    gpus: str = typer.Option("", help="Device indices to use, e.g. 0,2 (default: every GPU found)."),
+    gpus_per_worker: int = typer.Option(1, help="GPUs per worker process, for jobs of that many devices (DDP)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the workers this would start, and exit."),
     drain: bool = typer.Option(False, "--drain", help="Instead of starting workers: let this host's running "
                                "workers finish their current job, take no new one, then exit."),
     hostname: str = typer.Option("", help="With --drain: one worker's Celery node name (any host, on Redis)."),
     wait: bool = typer.Option(False, help="With --drain: return only once the workers have exited."),
 ) -> None:
-    """Start this host's worker pool (one Celery worker per GPU, or one on the CPU), or drain it."""
+    """Start this host's worker pool: one Celery worker per GPU (pinned with CUDA_VISIBLE_DEVICES, named
+    gpu<N>@<host>), or one on the CPU; or drain it."""
     if drain:
         argv = [sys.executable, "-m", "trainyard_workers", "drain",
                 *([f"--hostname={hostname}"] if hostname else []), *(["--wait"] if wait else [])]
     else:
-        argv = [sys.executable, "-m", "trainyard_workers", "pool"] + ([f"--queues={queues}"] if queues else [])
+        argv = [sys.executable, "-m", "trainyard_workers", "pool", f"--gpus-per-worker={gpus_per_worker}",
+                *([f"--queues={queues}"] if queues else []), *([f"--gpus={gpus}"] if gpus else []),
+                *(["--dry-run"] if dry_run else [])]
     os.execv(sys.executable, argv)
 
 

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Where a job goes when its spec names no queue. A GPU worker serves gpu.<type> and gpu, a CPU worker
     # cpu; `trainyard up` sets gpu when the machine has GPUs and this is not set.
     queue: str = Field("cpu", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    # "name[:memory_mb],…": GPUs the worker pool believes this host has, where NVML finds none (tests, demos).
+    simulated_gpus: str | None = None
     lease_seconds: float = Field(60.0, gt=0)
     heartbeat_seconds: float = Field(2.0, gt=0)
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")

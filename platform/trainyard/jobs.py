@@ -204,13 +204,14 @@ def list_jobs(
 
 
 def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float, *,
-              most_urgent: bool = False) -> JobView | None:
+              most_urgent: bool = False, worker_label: str | None = None) -> JobView | None:
     """QUEUED → RUNNING with attempt + 1 and a lease, atomically; None if nothing is claimable.
 
     With `most_urgent` (what a worker does with a message), the job claimed is the most urgent one waiting
     in `job_id`'s queue: highest priority first, then the oldest. Priority then holds on every broker, the
     SQLite one too, and every job still runs once: each queued job has a message of its own, and a message
-    that finds its job already taken simply takes the next.
+    that finds its job already taken simply takes the next. `worker_label` names the worker in the history
+    (its Celery node name), `worker` is the lease owner.
     """
     with db.session_scope() as s:
         for _ in range(10):  # lost races: another worker claimed the candidate between our read and write
@@ -225,7 +226,7 @@ def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float, *,
             now = utcnow()
             won = _transition(
                 s, row.id, from_status=JobStatus.QUEUED, to_status=JobStatus.RUNNING, attempt=row.attempt,
-                event_attempt=row.attempt + 1, message=f"started on {worker}",
+                event_attempt=row.attempt + 1, message=f"started on {worker_label or worker}",
                 values={
                     "attempt": row.attempt + 1,
                     "lease_owner": worker,

@@ -13,6 +13,7 @@ from trainyard.auth import bootstrap_admin_token
 from trainyard.config import Settings
 from trainyard.datasets import ensure_builtin_datasets
 from trainyard.db import Database, upgrade_schema
+from trainyard.gpus import discover_gpus
 from trainyard.processes import ProcessGroup
 from trainyard.tracking import prepare_tracking_store
 
@@ -39,6 +40,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "TRAINYARD_PORT": str(settings.port),
         "TRAINYARD_MLFLOW_HOST": settings.mlflow_host,
         "TRAINYARD_MLFLOW_PORT": str(settings.mlflow_port),
+        "TRAINYARD_QUEUE": settings.queue,
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -55,6 +57,9 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
             console.print(f"[red]{host}:{port} is in use[/]; stop what holds it or set {variable} for the {what}.")
             return 2
 
+    if "queue" not in settings.model_fields_set and discover_gpus(settings.simulated_gpus):
+        # The pool's workers serve gpu.<type> and gpu here: jobs that name no queue go where they listen.
+        settings = settings.model_copy(update={"queue": "gpu"})
     console.print(f"data directory: {settings.data_dir}")
     upgrade_schema(settings.database_url)
     db = Database(settings.database_url)
@@ -94,7 +99,8 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
                       f"  REST API {web_url}/api/v1  (OpenAPI: {web_url}/api/v1/openapi.json)\n"
                       f"  MLflow   {mlflow_url or settings.mlflow_tracking_uri}\n"
                       f"  broker   {settings.broker_url}\n"
-                      f"  workers  one per GPU, or one on the CPU (python -m trainyard_workers pool)\n"
+                      f"  workers  one per GPU, or one on the CPU (`trainyard worker`); "
+                      f"jobs that name no queue go to {settings.queue!r}\n"
                       f"Press Ctrl-C to stop.", soft_wrap=True)
         if admin_secret:
             console.print(f"[bold]admin token[/] (shown once; also in {settings.admin_token_path}, mode 0600):\n"

@@ -24,6 +24,8 @@ class WorkerView:
     started_at: datetime
     last_seen: datetime
     stopped_at: datetime | None
+    gpu_utilization: float | None = None  # percent, at the last heartbeat; None on a CPU worker
+    gpu_memory_used_mb: int | None = None
     alive: bool = False
 
 
@@ -49,17 +51,21 @@ def register_worker(db: Database, *, name: str, host: str, device: str, queues: 
         row = s.get(Worker, name) or Worker(name=name)
         row.host, row.device, row.device_memory_mb, row.queues = host, device, device_memory_mb, list(queues)
         row.current_job, row.started_at, row.last_seen, row.stopped_at = None, now, now, None
+        row.gpu_utilization = row.gpu_memory_used_mb = None  # a restarted worker's old readings are stale
         s.merge(row)
 
 
 UNCHANGED = object()
 
 
-def heartbeat(db: Database, name: str, *, current_job: int | None | object = UNCHANGED) -> bool:
-    """Say the worker is alive (and, if given, what it runs now); False if it was never registered."""
+def heartbeat(db: Database, name: str, *, current_job: int | None | object = UNCHANGED,
+              gpu_utilization: float | None | object = UNCHANGED,
+              gpu_memory_used_mb: int | None | object = UNCHANGED) -> bool:
+    """Say the worker is alive (and, if given, what it runs now and its GPU's utilisation in percent and
+    memory used); False if it was never registered."""
     values: dict = {"last_seen": utcnow(), "stopped_at": None}
-    if current_job is not UNCHANGED:
-        values["current_job"] = current_job
+    given = {"current_job": current_job, "gpu_utilization": gpu_utilization, "gpu_memory_used_mb": gpu_memory_used_mb}
+    values.update({column: value for column, value in given.items() if value is not UNCHANGED})
     with db.session_scope() as s:
         return s.execute(update(Worker).where(Worker.name == name).values(**values)).rowcount == 1
 
@@ -90,12 +96,22 @@ def pool_status(db: Database, *, stale_after_seconds: float) -> PoolView:
     return PoolView(workers=workers, queues=sorted(queues.values(), key=lambda q: q.name))
 
 
-def why_queued(db: Database, job_id: int, *, stale_after_seconds: float) -> str:
-    """Why a QUEUED job has not started: its place in its queue, and whether any live worker serves it."""
+@dataclass(frozen=True)
+class QueueWait:
+    """Why a QUEUED job has not started."""
+
+    queue: str
+    jobs_ahead: int  # waiting in the same queue that start first: higher priority, or as high and older
+    served_by: list[str]  # live workers that consume the queue; empty: nobody will take the job
+    message: str
+
+
+def queue_wait(db: Database, job_id: int, *, stale_after_seconds: float) -> QueueWait | None:
+    """Its place in its queue and who could take it, for a QUEUED job; None for any other."""
     with db.session_scope() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != JobStatus.QUEUED:
-            return ""
+            return None
         ahead = s.scalar(select(func.count()).select_from(Job).where(
             Job.status == JobStatus.QUEUED, Job.queue == job.queue, Job.id != job.id,
             (Job.priority > job.priority) | ((Job.priority == job.priority) & (Job.id < job.id))))
@@ -103,6 +119,15 @@ def why_queued(db: Database, job_id: int, *, stale_after_seconds: float) -> str:
     serving = next((q.workers for q in pool_status(db, stale_after_seconds=stale_after_seconds).queues
                     if q.name == queue), [])
     place = f"{ahead} job{'s' if ahead != 1 else ''} ahead of it in queue {queue}" if ahead else f"next in queue {queue}"
-    if not serving:
-        return f"{place}; no live worker serves queue {queue} (start one with `trainyard worker --queues {queue}`)"
-    return f"{place}; served by {', '.join(serving)}"
+    if serving:
+        message = f"{place}; served by {', '.join(serving)}"
+    else:
+        message = (f"{place}; no worker serves queue {queue} (start one with `trainyard worker --queues {queue}`, "
+                   "or submit to a queue a worker serves)")
+    return QueueWait(queue=queue, jobs_ahead=ahead, served_by=list(serving), message=message)
+
+
+def why_queued(db: Database, job_id: int, *, stale_after_seconds: float) -> str:
+    """`queue_wait`'s message, or "" for a job that is not QUEUED."""
+    wait = queue_wait(db, job_id, stale_after_seconds=stale_after_seconds)
+    return wait.message if wait else ""

@@ -16,7 +16,7 @@ from trainyard_web.runtime import EXTENSION_KEY, Platform
 from trainyard_web.serving import ModelServer
 from trainyard_web.tokens_api import tokens_api
 from trainyard_web.ui import ui
-from trainyard_web import security
+from trainyard_web import metrics, security
 
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # prediction uploads; anything larger is a 413 problem response
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, *, serving_only: bool = False) 
         app.register_blueprint(registry_api)
         app.register_blueprint(tokens_api)
         app.register_blueprint(ui)
+        metrics.install(app)
     _apply_rate_limits(app, limiter, settings)
     return app
 

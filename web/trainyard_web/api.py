@@ -12,6 +12,7 @@ from trainyard import datasets, job_logs, jobs, worker_registry
 from trainyard.archives import Limits
 from trainyard.auth import Role
 from trainyard.ml.architectures import ARCHITECTURES
+from trainyard.models import JobStatus
 from trainyard.specs import JobSpec
 from trainyard_web.runtime import platform
 from trainyard_web.security import current_principal, requires
@@ -30,6 +31,7 @@ from trainyard_web.schemas import (
     LogPageOut,
     LogQuery,
     PoolOut,
+    QueueWaitOut,
 )
 
 api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="Trainyard")
@@ -62,7 +64,12 @@ def list_jobs(query: JobListQuery):
 @api.doc(summary="A job with its progress, metrics and event history", responses=[200, 404])
 @requires(Role.VIEWER)
 def get_job(job_id: int):
-    return JobOut.model_validate(jobs.get_job(platform().db, job_id))
+    p = platform()
+    job = JobOut.model_validate(jobs.get_job(p.db, job_id))
+    if job.status == JobStatus.QUEUED:  # one indexed count and the pool's few rows, only while it waits
+        wait = worker_registry.queue_wait(p.db, job_id, stale_after_seconds=p.settings.worker_stale_seconds)
+        job.waiting = QueueWaitOut.model_validate(wait) if wait else None
+    return job
 
 
 @api.get("/jobs/<int:job_id>/logs")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from apiflask.fields import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -23,6 +23,13 @@ class JobEventOut(Out):
     message: str
 
 
+class QueueWaitOut(Out):
+    queue: str
+    jobs_ahead: int = Field(description="Jobs in the same queue that start before this one")
+    served_by: list[str] = Field(description="Live workers consuming the queue; empty means none will take it")
+    message: str
+
+
 class JobOut(Out):
     id: int
     kind: str
@@ -31,8 +38,8 @@ class JobOut(Out):
     dataset: str
     architecture: str
     spec: dict[str, Any]
-    queue: str
-    priority: int
+    queue: str = Field(description="The broker queue: resources.queue, or <queue>.x<N> for a job of N devices")
+    priority: Literal["low", "normal", "high"]
     attempt: int
     max_attempts: int
     cancel_requested: bool
@@ -49,6 +56,7 @@ class JobOut(Out):
     started_at: datetime | None
     finished_at: datetime | None
     events: list[JobEventOut] = []
+    waiting: QueueWaitOut | None = Field(None, description="GET /jobs/{id} of a QUEUED job: why it has not started")
 
 
 class JobPageOut(BaseModel):
@@ -290,6 +298,9 @@ class WorkerOut(Out):
     started_at: datetime
     last_seen: datetime
     stopped_at: datetime | None
+    gpu_utilization: float | None = Field(None, description="GPU utilisation in percent at the last heartbeat "
+                                                             "(NVML); null on a CPU worker")
+    gpu_memory_used_mb: int | None = Field(None, description="GPU memory in use at the last heartbeat")
     alive: bool = Field(description="False once it stopped, or has been silent longer than TRAINYARD_WORKER_STALE_SECONDS")
 
 

@@ -27,6 +27,7 @@ F = TypeVar("F", bound=Callable)
 ROLE_ATTRIBUTE = "_trainyard_role"
 PUBLIC_API_ENDPOINTS = {"api.health"}
 VIEWER_ENDPOINTS = {"openapi.spec"}  # APIFlask's own spec view
+BEARER_ENDPOINTS = {"metrics.metrics"}  # outside /api/ yet for machines (Prometheus): bearer tokens too
 JSON_BODY_LIMIT = 1024 * 1024  # every JSON API body; predictions and uploads have their own limits
 SESSION_TOKEN_KEY = "token_id"
 
@@ -73,7 +74,8 @@ def install(app: APIFlask, body_limits: dict[str, int]) -> Limiter:
 
     @app.before_request
     def _authenticate_api() -> None:
-        if not request.path.startswith("/api/") or request.endpoint in PUBLIC_API_ENDPOINTS:
+        if not (request.path.startswith("/api/") or request.endpoint in BEARER_ENDPOINTS) \
+                or request.endpoint in PUBLIC_API_ENDPOINTS:
             return
         header = request.headers.get("Authorization", "")
         scheme, _, secret = header.partition(" ")

@@ -7,7 +7,6 @@ import socket
 import sys
 
 import typer
-
 from trainyard.config import Settings
 from trainyard.db import Database, check_schema
 from trainyard.errors import SchemaOutOfDate
@@ -104,7 +103,9 @@ def reconciler(once: bool = typer.Option(False, help="Look once and exit.")) -> 
     from trainyard import jobs
     from trainyard.queueing import CeleryDispatch
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s reconciler: %(message)s")
+    from trainyard.logging_setup import configure_logging
+
+    configure_logging(logging.INFO)
     log = logging.getLogger("trainyard.reconciler")
     settings = Settings()
     _require_current_schema(settings)
@@ -122,51 +123,55 @@ def reconciler(once: bool = typer.Option(False, help="Look once and exit.")) -> 
         time.sleep(settings.reconcile_seconds)
 
 
-def gpu_count() -> int:
-    """GPUs visible to this host (NVML when available, else torch)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetCount()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no NVML library or no driver: ask torch, which is 0 on a CPU-only machine
-        import torch
-
-        return torch.cuda.device_count()
-
-
 @cli.command()
 def pool(
-    queues: str = typer.Option("", help="Comma-separated queues (default: the settings' queue)."),
+    queues: str = typer.Option("", help="Comma-separated queues every worker consumes, instead of "
+                                        "gpu.<type>,gpu (GPU) or cpu,cpu.x2…cpu.x8 (CPU)."),
+    gpus: str = typer.Option("", help="Device indices to use, e.g. 0,2 (default: every GPU found)."),
+    gpus_per_worker: int = typer.Option(1, help="GPUs per worker; a worker of N serves jobs of N devices "
+                                               "(queues <queue>.x<N>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the workers this would start, and exit."),
     loglevel: str = typer.Option("INFO"),
 ) -> None:
     """Start one worker per GPU (pinned by CUDA_VISIBLE_DEVICES), or one CPU worker; stop them on Ctrl-C."""
+    from trainyard.gpus import discover_gpus
+
+    from trainyard_workers.pool import PoolError, parse_indices, plan_workers
+
     settings = Settings()
-    _require_current_schema(settings)
     host = socket.gethostname()
-    gpus = gpu_count()
+    try:
+        devices = discover_gpus(settings.simulated_gpus)
+        plans = plan_workers(devices, host=host, gpus=parse_indices(gpus) if gpus else None,
+                             queues=[q.strip() for q in queues.split(",") if q.strip()] or None,
+                             gpus_per_worker=gpus_per_worker)
+    except PoolError as exc:
+        typer.echo(f"trainyard worker: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if dry_run:
+        for plan in plans:
+            typer.echo(plan.describe())
+        return
+    _require_current_schema(settings)
     group = ProcessGroup()
-    base = [sys.executable, "-m", "trainyard_workers", "worker", f"--loglevel={loglevel}"]
-    if queues:
-        base.append(f"--queues={queues}")
-    if gpus == 0:
-        group.start("worker cpu", [*base, f"--hostname=cpu@{host}"], env={"CUDA_VISIBLE_DEVICES": ""})
-    for index in range(gpus):
-        group.start(f"worker gpu{index}", [*base, f"--hostname=gpu{index}@{host}"],
-                    env={"CUDA_VISIBLE_DEVICES": str(index)})
-    typer.echo(f"trainyard pool: {max(gpus, 1)} worker(s) on {host} ({'%d GPU(s)' % gpus if gpus else 'CPU'})")
+    for plan in plans:
+        group.start(f"worker {plan.name}", [
+            sys.executable, "-m", "trainyard_workers", "worker", f"--loglevel={loglevel}",
+            f"--hostname={plan.name}", f"--queues={','.join(plan.queues)}",
+        ], env=plan.env)
+    kind = f"{len(devices)} GPU(s) found" if devices else "no GPU: CPU"
+    typer.echo(f"trainyard worker: {len(plans)} worker(s) on {host} ({kind})")
+    for plan in plans:
+        typer.echo(f"  {plan.describe()}")
     while (exited := group.wait()) is not None and exited.process.returncode == 0:
         # Status 0 is a drained worker: the others carry on until they are drained too.
         group.children.remove(exited)
-        typer.echo(f"trainyard pool: {exited.name} drained")
+        typer.echo(f"trainyard worker: {exited.name} drained")
         if not group.children:
             return
     group.stop()
     if exited is not None:
-        typer.echo(f"trainyard pool: {exited.name} exited with {exited.process.returncode}", err=True)
+        typer.echo(f"trainyard worker: {exited.name} exited with {exited.process.returncode}", err=True)
         raise typer.Exit(1)
 
 

@@ -6,9 +6,11 @@ import signal
 
 import psutil
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (after_setup_logger, after_setup_task_logger, worker_ready, worker_shutdown,
+                            worker_shutting_down)
 
 from trainyard.config import Settings
+from trainyard.logging_setup import structure_handlers
 from trainyard.queueing import RUN_JOB_TASK, celery_config
 from trainyard_workers import drain, engine
 from trainyard_workers.presence import Presence
@@ -30,6 +32,13 @@ def create_celery_app(settings: Settings) -> Celery:
         # process SIGTERM now means "hand the job back", not "die mid-batch".
         signal.signal(signal.SIGTERM, lambda *_: engine.SHUTTING_DOWN.set())
         engine.run_job(context, job_id, worker_name=task.request.hostname)
+
+    @after_setup_logger.connect(weak=False)
+    @after_setup_task_logger.connect(weak=False)
+    def _structured_logs(logger=None, **_) -> None:
+        # Celery has set up its handlers (root's, and the task logger's own); render them through structlog.
+        if logger is not None:
+            structure_handlers(logger)
 
     presence: list[Presence] = []
 

@@ -72,7 +72,7 @@ def call_db(fn: Callable[..., T], *args: Any, patience: float = OUTAGE_PATIENCE_
     return retrying(fn, *args, **kwargs)
 
 
-def claim(db, job_id: int, worker: str, lease_seconds: float) -> JobView | None:
+def claim(db, job_id: int, worker: str, lease_seconds: float, worker_label: str | None = None) -> JobView | None:
     """`jobs.claim_job` of the most urgent job in `job_id`'s queue, retried. A try that won but whose answer
     was lost leaves a job RUNNING under this very worker (one process per job), so that job is ours."""
     tries = 0
@@ -80,7 +80,7 @@ def claim(db, job_id: int, worker: str, lease_seconds: float) -> JobView | None:
     def claim_job() -> JobView | None:
         nonlocal tries
         tries += 1
-        return jobs.claim_job(db, job_id, worker, lease_seconds, most_urgent=True)
+        return jobs.claim_job(db, job_id, worker, lease_seconds, most_urgent=True, worker_label=worker_label)
 
     job = call_db(claim_job)
     if job is None and tries > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
@@ -10,6 +11,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import torch
 
 from trainyard import jobs, worker_registry
@@ -77,7 +79,9 @@ class LeaseKeeper:
         self.cancel_requested = threading.Event()
         self.lease_lost = threading.Event()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-job-{job.id}", daemon=True)
+        # In the job's logging context (job_id, attempt): a new thread would otherwise start with an empty one.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"lease-job-{job.id}", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
@@ -119,10 +123,12 @@ JOB_KINDS = {"train": run_training, "evaluate": run_evaluation, "predict": run_p
 def run_job(ctx: WorkerContext, job_id: int, worker_name: str | None = None) -> None:
     """A message for `job_id`: claim the most urgent job waiting in its queue (usually `job_id` itself) and
     run it to an outcome; with nothing claimable, do nothing."""
-    job = claim(ctx.db, job_id, ctx.worker_id, ctx.settings.lease_seconds)
+    label = f"{worker_name} (pid {os.getpid()})" if worker_name else None
+    job = claim(ctx.db, job_id, ctx.worker_id, ctx.settings.lease_seconds, label)
     if job is None:
         log.info("message for job %s: nothing claimable in its queue (taken, finished or cancelled)", job_id)
         return
+    structlog.contextvars.bind_contextvars(job_id=job.id, attempt=job.attempt)  # on every log line until it ends
     if job.id != job_id:
         log.info("message for job %s: took job %s, more urgent in queue %s", job_id, job.id, job.queue)
     _show_current_job(ctx, worker_name, job.id)
@@ -131,6 +137,7 @@ def run_job(ctx: WorkerContext, job_id: int, worker_name: str | None = None) -> 
             _run_claimed(ctx, job, capture)
     finally:
         _show_current_job(ctx, worker_name, None)
+        structlog.contextvars.unbind_contextvars("job_id", "attempt")
 
 
 def _show_current_job(ctx: WorkerContext, worker_name: str | None, job_id: int | None) -> None:

@@ -12,29 +12,26 @@ import threading
 from trainyard import worker_registry
 from trainyard.config import Settings
 from trainyard.db import Database
+from trainyard_workers import gpu_stats
 
 log = logging.getLogger(__name__)
 BEAT_SECONDS = 5.0
 
 
-def describe_device() -> tuple[str, int | None]:
-    """The GPU this process is pinned to (by CUDA_VISIBLE_DEVICES, read through NVML so CUDA is never
+def describe_device(simulated_gpus: str | None = None) -> tuple[str, int | None]:
+    """The GPU(s) this process is pinned to by CUDA_VISIBLE_DEVICES, read through NVML (so CUDA is never
     initialised in a process that forks), or the CPU."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if visible and visible.split(",")[0].isdigit():
-        try:
-            import pynvml
+    from trainyard.gpus import discover_gpus
 
-            pynvml.nvmlInit()
-            try:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible.split(",")[0]))
-                name = pynvml.nvmlDeviceGetName(handle)
-                memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20
-                return (name.decode() if isinstance(name, bytes) else name), int(memory)
-            finally:
-                pynvml.nvmlShutdown()
-        except Exception as exc:  # no driver, or a simulated device list: say what we know
-            return f"GPU {visible} ({type(exc).__name__})", None
+    visible = [int(i) for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip().isdigit()]
+    if visible:
+        found = {d.index: d for d in discover_gpus(simulated_gpus)}
+        mine = [found[i] for i in visible if i in found]
+        if not mine:
+            return f"GPU {','.join(map(str, visible))} (not found by NVML)", None
+        names = sorted({d.name for d in mine})
+        name = names[0] if len(names) == 1 else " + ".join(names)
+        return (name if len(mine) == 1 else f"{len(mine)}× {name}"), mine[0].memory_mb
     return f"CPU ({os.cpu_count()} cores)", None
 
 
@@ -57,13 +54,15 @@ class Presence:
     def _beat(self) -> None:
         while not self._stopped.wait(BEAT_SECONDS):
             try:
-                if not worker_registry.heartbeat(self._db, self.name):
+                gpu = gpu_stats.read_gpu()  # NVML only; all None on a CPU worker
+                if not worker_registry.heartbeat(self._db, self.name, gpu_utilization=gpu.utilization,
+                                                 gpu_memory_used_mb=gpu.memory_used_mb):
                     self._register()  # its row was removed (a wiped database): register again
             except Exception:
                 log.warning("worker heartbeat failed; trying again in %.0f s", BEAT_SECONDS, exc_info=True)
 
     def _register(self) -> None:
-        device, memory = describe_device()
+        device, memory = describe_device(self.settings.simulated_gpus)
         worker_registry.register_worker(self._db, name=self.name, host=socket.gethostname(), device=device,
                                         device_memory_mb=memory, queues=self.queues)
 

@@ -16,7 +16,8 @@ from trainyard.specs import JobSpec, Resources, TrainParams
 
 # Which spec fields the launch form shows, in order. Everything under params is shown.
 TOP_FIELDS = ["name", "dataset", "architecture", "architecture_options", "weights_path", "model_name", "register"]
-TAIL_FIELDS = [("resources", Resources, "queue"), (None, JobSpec, "priority"), (None, JobSpec, "max_attempts")]
+TAIL_FIELDS = [("resources", Resources, "queue"), ("resources", Resources, "gpus"), (None, JobSpec, "priority"),
+               (None, JobSpec, "max_attempts")]
 REGISTRY_CHOICES = {"optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augmentation": AUGMENTATIONS}
 
 
