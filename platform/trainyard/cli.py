@@ -119,11 +119,14 @@ def worker(
 def serve(
     port: int = typer.Option(8001, envvar="TRAINYARD_SERVE_PORT", help="Port of the prediction server."),
     workers: int = typer.Option(2, help="gunicorn processes."),
+    threads: int = typer.Option(8, help="Request threads per process: concurrent requests for one model are "
+                                        "batched into one forward, so more threads make larger batches."),
 ) -> None:
     """Run the prediction endpoint on its own, so inference scales apart from the API."""
     settings = Settings()
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", f"{settings.host}:{port}",
-                              "--workers", str(workers), "--threads", "4", "trainyard_web:create_serving_app()"])
+                              "--workers", str(workers), "--threads", str(threads),
+                              "trainyard_web:create_serving_app()"])
 
 
 @app.command()

@@ -18,12 +18,14 @@ import torch
 from trainyard import model_registry
 from trainyard.config import Settings
 from trainyard.errors import InvalidSpec
+from trainyard.ml.batching import MicroBatcher
 from trainyard.ml.datasets import UnreadableImage
 from trainyard.ml.servable import LoadedModel, preprocess
 
 MAX_IMAGES = 64
 ALIAS_TTL_SECONDS = 2.0  # an alias move is seen by the next request at most this long after it happens
 MAX_LOADED_MODELS = 4
+MAX_SERVING_BATCH = 64  # images per forward when concurrent requests are batched together
 
 
 class ModelServer:
@@ -35,6 +37,7 @@ class ModelServer:
         self._aliases: dict[tuple[str, str], tuple[int, float]] = {}
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], threading.Lock] = {}
+        self._batchers: dict[tuple[str, int], MicroBatcher] = {}
 
     def resolve(self, name: str, alias: str | None, version: int | None) -> int:
         if version is not None:
@@ -65,9 +68,21 @@ class ModelServer:
                     self._loading.pop(key, None)
             with self._lock:
                 self._models[key] = loaded
+                self._batchers[key] = MicroBatcher(loaded.module, max_batch=MAX_SERVING_BATCH,
+                                                   name=f"serve-{name}-v{version}")
                 while len(self._models) > MAX_LOADED_MODELS:
-                    self._models.popitem(last=False)
+                    evicted, _ = self._models.popitem(last=False)
+                    self._batchers.pop(evicted).close()
             return loaded
+
+    def forward(self, model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+        """The model's logits for `batch`, computed together with other requests' images waiting meanwhile."""
+        with self._lock:
+            batcher = self._batchers.get((model.name, model.version))
+        if batcher is None:  # evicted between load and use: run alone
+            with model.lock, torch.inference_mode():
+                return model.module(batch)
+        return batcher.submit(batch)
 
     def predict(self, name: str, files: list[tuple[str, bytes]], *, alias: str | None = None,
                 version: int | None = None, top_k: int = 5) -> dict[str, Any]:
@@ -81,8 +96,7 @@ class ModelServer:
             batch = preprocess(model, files)
         except UnreadableImage as exc:
             raise InvalidSpec(f"{exc}.", errors=[{"field": getattr(exc, "file", "images"), "message": str(exc)}]) from None
-        with model.lock, torch.inference_mode():
-            logits = model.module(batch).float()
+        logits = self.forward(model, batch).float()
         if model.task == "classification":
             predictions = classification_output(logits, model.classes, top_k)
         else:
