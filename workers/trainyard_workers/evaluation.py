@@ -16,14 +16,8 @@ from trainyard.specs import JobSpec
 from trainyard.tracking import JobRun
 from trainyard_workers.checkpoints import load_checkpoint
 from trainyard_workers.loop import evaluate
-from trainyard_workers.training import (
-    batches,
-    build_model,
-    load_job_data,
-    log_evaluation_artifacts,
-    new_metrics,
-    prefixed,
-)
+from trainyard_workers.training import load_job_data, log_evaluation_artifacts, prefixed
+from trainyard_workers.training_setup import batches, build_model, new_metrics
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -13,16 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from trainyard import jobs
 from trainyard.datasets import DatasetView, get_dataset
 from trainyard.jobs import JobView
-from trainyard.ml.architectures import InputShape, build_architecture, load_pretrained_weights
-from trainyard.ml.datasets import FORMATS, ImageSplits
-from trainyard.ml.metrics import ClassificationMetrics, SegmentationMetrics, confusion_matrix_png, segmentation_overlay_png
-from trainyard.ml.optim import build_optimizer, build_scheduler
-from trainyard.ml.transforms import AUGMENTATIONS
+from trainyard.ml.datasets import ImageSplits
+from trainyard.ml.metrics import confusion_matrix_png, segmentation_overlay_png
 from trainyard.ml.servable import METADATA_FILE, WEIGHTS_FILE
 from trainyard.model_registry import register_version
 from trainyard.specs import JobSpec, TrainParams
@@ -32,12 +29,23 @@ from trainyard_workers.checkpoints import (
     latest_usable_checkpoint,
     prune_checkpoints,
     remove_checkpoint,
-    restore_rng,
     rng_state,
     save_checkpoint,
 )
 from trainyard_workers.db_retry import call_db
+from trainyard_workers.distributed import Rank0, threads_per_rank
 from trainyard_workers.loop import BatchPipeline, StopRequested, evaluate, train_one_epoch
+from trainyard_workers.training_setup import (
+    SingleDevice,
+    batches,
+    build_training_parts,
+    decode_splits,
+    make_pipeline,
+    new_metrics,
+    restore_training_state,
+    select_device,
+    use_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,62 +62,17 @@ class JobData:
     bf16: bool
 
 
-def select_device() -> torch.device:
-    """The worker's GPU when it has one (pinned by CUDA_VISIBLE_DEVICES), else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def use_bf16(device: torch.device, precision: str) -> bool:
-    """bf16 autocast where the hardware runs it natively: a bf16-capable GPU, or a CPU with AVX512-BF16/AMX."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 def load_job_data(ctx, spec: JobSpec, generator: torch.Generator, size: tuple[int, int] | None = None) -> JobData:
     """Decode the dataset into memory (at `size`, else params.image_size, else the dataset's own size)."""
-    params = spec.params
     dataset = call_db(get_dataset, ctx.db, spec.dataset)
-    if size is None and params.image_size:
-        size = (params.image_size, params.image_size)
-    splits = FORMATS.get(dataset.format).obj.load(dataset.path, size)
-    device = select_device()
-    pipeline = BatchPipeline(
-        device=device,
-        mean=torch.tensor(splits.mean, device=device),
-        std=torch.tensor(splits.std, device=device).clamp_min(1e-6),
-        augmentation=AUGMENTATIONS.get(params.augmentation).obj,
-        channels_last=params.channels_last,
-        generator=generator,
-    )
-    return JobData(dataset, splits, device, pipeline, use_bf16(device, params.precision))
+    return job_data(dataset, spec, generator, size, select_device())
 
 
-def batches(split: TensorDataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None,
-            device: torch.device) -> DataLoader:
-    """Whole batches straight from in-memory tensors: one indexing op per batch, no per-sample collation."""
-    sampler = RandomSampler(split, generator=generator) if shuffle else SequentialSampler(split)
-    return DataLoader(split, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
-                      pin_memory=device.type == "cuda")
-
-
-def build_model(spec: JobSpec, splits: ImageSplits, device: torch.device) -> nn.Module:
-    channels, height, width = splits.image_shape
-    model = build_architecture(spec.architecture, InputShape(channels, height, width, len(splits.classes)),
-                               spec.architecture_options)
-    if spec.weights_path:
-        load_pretrained_weights(model, spec.weights_path)
-    model = model.to(device)
-    if spec.params.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def new_metrics(task: str, classes: list[str]):
-    cls = ClassificationMetrics if task == "classification" else SegmentationMetrics
-    return cls(len(classes), class_names=classes)
+def job_data(dataset: DatasetView, spec: JobSpec, generator: torch.Generator, size: tuple[int, int] | None,
+             device: torch.device) -> JobData:
+    splits = decode_splits(dataset.format, dataset.path, spec.params, size)
+    pipeline = make_pipeline(splits, device, spec.params, generator)
+    return JobData(dataset, splits, device, pipeline, use_bf16(device, spec.params.precision))
 
 
 def model_metadata(spec: JobSpec, data: JobData) -> dict[str, Any]:
@@ -130,24 +93,50 @@ def prefixed(prefix: str, scalars: dict[str, float]) -> dict[str, float]:
 
 
 def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train the job's architecture on its dataset; returns (final metrics, final progress)."""
+    """Train the job's architecture on its dataset, with DDP over N devices when resources.gpus is N > 1;
+    returns (final metrics, final progress)."""
     spec = JobSpec.model_validate(job.spec)
+    torch.manual_seed(spec.params.seed)
+    dataset = call_db(get_dataset, ctx.db, spec.dataset)
+    point = resume_state(ctx, job)
+    run.client.set_tag(run.run_id, "trainyard.world_size", str(spec.resources.gpus))
+    with devices_for(ctx, job, spec, dataset, point) as devices:
+        try:
+            return train(ctx, job, lease, run, spec, dataset, point, devices)
+        except StopRequested:
+            raise
+        except Exception as exc:
+            failure = devices.describe_failure(exc)  # a collective broken by a dead rank names that rank
+            if failure is exc:
+                raise
+            raise failure from exc
+
+
+def devices_for(ctx, job: JobView, spec: JobSpec, dataset: DatasetView, point: ResumePoint | None):
+    """This process alone, or rank 0 of a DDP job whose other ranks it starts from a plan of their own."""
+    world_size = spec.resources.gpus
+    if world_size == 1:
+        return SingleDevice(spec.params.seed)
+    plan = {"job_id": job.id, "spec": job.spec, "dataset": {"format": dataset.format, "path": dataset.path},
+            "resume": str(point.path) if point is not None and point.state is not None else None}
+    threads = ctx.settings.torch_threads or os.cpu_count() or 1
+    return Rank0(plan, world_size, threads_per_rank(threads, world_size))
+
+
+def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: DatasetView, point: ResumePoint | None,
+          devices: SingleDevice | Rank0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rank 0's (or the only process's) training: the epochs, checkpoints, metrics and the logged model."""
     params: TrainParams = spec.params
-    torch.manual_seed(params.seed)
-    generator = torch.Generator().manual_seed(params.seed)
-    data = load_job_data(ctx, spec, generator)
+    data = job_data(dataset, spec, devices.augmentation_generator, None, devices.device)
     splits, device = data.splits, data.device
     run.log_dataset(name=data.dataset.name, fingerprint=data.dataset.fingerprint, source=data.dataset.path or "builtin",
                     fmt=data.dataset.format, task=data.dataset.task)
 
-    model = build_model(spec, splits, device)
-    optimizer = build_optimizer(params.optimizer, model.parameters(), lr=params.lr, weight_decay=params.weight_decay,
-                                momentum=params.momentum, nesterov=params.nesterov)
-    train_batches = batches(splits.train, params.batch_size, shuffle=True, generator=generator, device=device)
-    scheduler, per_batch = build_scheduler(params.scheduler, optimizer, epochs=params.epochs,
-                                           steps_per_epoch=len(train_batches), lr=params.lr,
-                                           step_size=params.step_size, gamma=params.gamma)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    parts = build_training_parts(spec, splits, device, devices.train_batches(splits.train, params.batch_size))
+    # `model` is the unwrapped module: validation, checkpoints, the test pass and the logged model use it
+    # on rank 0 alone; only the training step goes through the (DDP-)wrapped one.
+    model, optimizer, scheduler, per_batch = parts.model, parts.optimizer, parts.scheduler, parts.per_batch
+    loss_fn, train_batches = parts.loss_fn, parts.train_batches
     eval_size = max(params.batch_size, 256)
     val_batches = batches(splits.val, eval_size, shuffle=False, generator=None, device=device)
     metrics = new_metrics(splits.task, splits.classes)
@@ -163,16 +152,11 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
     start_epoch = 1
     # Epochs whose metrics an earlier attempt already logged: retrained after falling back past a torn
     # checkpoint, they are not logged again (MLflow keeps one value per epoch, the first).
-    point = resume_state(ctx, job)
     logged_epochs: set[int] = run.logged_steps("train_loss") if point is not None else set()
     resumed = point.state if point is not None else None
     if resumed is not None:
         last_checkpoint = point.path
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resumed["scheduler"])
-        restore_rng(resumed["rng"], generator)
+        restore_training_state(parts, resumed, devices.data_generator)
         best.update(value=resumed["best"]["value"], epoch=resumed["best"]["epoch"], state=resumed.get("best_model"))
         start_epoch, summary = resumed["epoch"] + 1, dict(resumed["summary"])
         if "stopped_early_at_epoch" in summary:
@@ -185,20 +169,25 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
             step_metrics.commit()
             logged_epochs.add(resumed["epoch"])
     try:
+        devices.start()
+        trained = devices.wrap(model)
+        stop_check = devices.stop_check(lease.should_stop)  # agreed by all ranks, once per batch
         for epoch in range(start_epoch, params.epochs + 1):
+            devices.announce_epoch(epoch)
             started = time.perf_counter()
             step0 = (epoch - 1) * len(train_batches)
 
             def on_batch(i: int, loss: torch.Tensor, epoch: int = epoch, step0: int = step0) -> None:
                 lease.progress = {"epoch": epoch - 1, "epochs": params.epochs, "batch": i,
                                   "batches": len(train_batches)}
-                step_metrics.add("train_step_loss", loss, step0 + i)
+                step_metrics.add("train_step_loss", loss, step0 + i)  # with DDP: rank 0's slice of the batch
 
             train_loss = train_one_epoch(
-                model, train_batches, optimizer, data.pipeline, loss_fn, bf16=data.bf16,
+                trained, train_batches, optimizer, data.pipeline, loss_fn, bf16=data.bf16,
                 grad_clip_norm=params.grad_clip_norm, batch_scheduler=scheduler if per_batch else None,
-                should_stop=lease.should_stop, on_batch=on_batch,
+                should_stop=stop_check, on_batch=on_batch,
             )
+            train_loss = devices.epoch_loss(train_loss)
             if scheduler is not None and not per_batch:
                 scheduler.step()
             val = evaluate(model, val_batches, data.pipeline, loss_fn, metrics, bf16=data.bf16,
@@ -222,7 +211,7 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
             sha = save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "epoch": epoch, "rng": rng_state(generator), "spec": job.spec, "metrics": epoch_metrics,
+                "epoch": epoch, "rng": rng_state(devices.data_generator), "spec": job.spec, "metrics": epoch_metrics,
                 "summary": summary, "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
                 "best": {"value": best["value"], "epoch": best["epoch"]}, "best_model": best["state"],
             }, checkpoint_path)
@@ -251,6 +240,7 @@ def run_training(ctx, job: JobView, lease, run: JobRun) -> tuple[dict[str, Any],
 
             if "stopped_early_at_epoch" in summary:
                 break
+        devices.announce_epoch(0)  # training is over: the other ranks exit; the rest is rank 0's alone
 
         if lease.should_stop():  # fenced off or asked to stop after the last epoch: log and register nothing
             raise StopRequested
