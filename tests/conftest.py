@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import psycopg
@@ -101,6 +101,16 @@ def redis_queue_messages(broker_url: str, queue: str = "cpu") -> list[bytes]:
     client = redis.Redis.from_url(broker_url)
     keys = [queue] + [f"{queue}:{p}" for p in range(1, 10)]
     return [m for key in keys for m in client.lrange(key, 0, -1)]
+
+
+def sqlite_queue_messages(broker_url: str, queue: str = "cpu") -> int:
+    """Messages waiting (not yet handed to a worker) in a queue of the embedded SQLite broker: kombu's
+    SQLAlchemy transport keeps them as rows, hidden once delivered."""
+    import sqlite3
+
+    with closing(sqlite3.connect(broker_url.removeprefix("sqla+sqlite:///"))) as conn:
+        return conn.execute("SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+                            "WHERE q.name = ? AND m.visible", (queue,)).fetchone()[0]
 
 
 def make_settings(tmp_path: Path, **overrides: str) -> Settings:
@@ -265,6 +275,15 @@ def wait_for_job(client, job_id: int, statuses: set[str], timeout: float = 180) 
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
         time.sleep(0.3)
+
+
+def submit_digits_job(client, epochs: int, batch_size: int) -> int:
+    """Submit a cnn-on-digits training job (not registered as a model version) through the API; its id."""
+    response = client.post("/api/v1/jobs", json={"kind": "train", "dataset": "digits", "architecture": "cnn",
+                                                 "register": False,
+                                                 "params": {"epochs": epochs, "batch_size": batch_size}})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["id"]
 
 
 # ---- outages: a Redis server of the test's own, waiting on conditions --------------------------------

@@ -22,7 +22,8 @@ from conftest import WorkerProcess, authed_client, make_settings, wait_until
 pytestmark = pytest.mark.slow
 
 JOBS = 20
-EPOCHS = 2
+EPOCHS = 2  # two, so that a resumed job has a checkpoint to resume from and epochs it must not log twice
+BATCH_SIZE = 256  # a few steps an epoch: what is soaked is the platform around the jobs, not training
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
@@ -114,7 +115,7 @@ def test_jobs_come_through_workers_killed_at_random(tmp_path, postgres, redis_br
             worker.wait_ready(timeout=180)
         ids = [client.post("/api/v1/jobs", json={
             "kind": "train", "dataset": "digits", "architecture": "cnn", "register": False,
-            "params": {"epochs": EPOCHS, "batch_size": 64, "seed": n}}).get_json()["id"] for n in range(JOBS)]
+            "params": {"epochs": EPOCHS, "batch_size": BATCH_SIZE, "seed": n}}).get_json()["id"] for n in range(JOBS)]
         killer = Killer(workers, start, rng, max_kills=4)
         killer.start()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 
 import mlflow
 import pytest
@@ -14,19 +15,33 @@ from trainyard.ml.datasets import FORMATS
 from trainyard.queueing import CeleryDispatch
 from trainyard.tracking import JOB_ID_TAG
 from trainyard_web import create_app
-from conftest import make_settings, wait_for_job, authed_client
+from conftest import WorkerProcess, authed_client, claimed_redis_database, make_settings, wait_for_job, wait_until
 
 
-@pytest.fixture(params=["sqlite+sqla-broker", "postgres+redis"])
-def settings(request, tmp_path):
-    if request.param == "sqlite+sqla-broker":
-        s = make_settings(tmp_path)  # the embedded defaults: SQLite everywhere
-    else:
-        s = make_settings(tmp_path, database_url=request.getfixturevalue("postgres").create(),
-                          broker_url=request.getfixturevalue("redis_broker_url"))
-    s = s.model_copy(update={"heartbeat_seconds": 0.5})
-    upgrade_schema(s.database_url)
-    return s
+@pytest.fixture(scope="module", params=["sqlite+sqla-broker", "postgres+redis"])
+def settings(request, tmp_path_factory):
+    """One platform per backend, shared by this module's tests: each test submits jobs of its own."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    with ExitStack() as stack:
+        if request.param == "sqlite+sqla-broker":
+            s = make_settings(tmp)  # the embedded defaults: SQLite everywhere
+        else:
+            broker_url = stack.enter_context(claimed_redis_database(request.getfixturevalue("redis_server")))
+            s = make_settings(tmp, database_url=request.getfixturevalue("postgres").create(), broker_url=broker_url)
+        s = s.model_copy(update={"heartbeat_seconds": 0.5})
+        upgrade_schema(s.database_url)
+        yield s
+
+
+@pytest.fixture(scope="module")
+def worker(settings):
+    """The platform's one worker process, started once for the module: it takes one job at a time."""
+    process = WorkerProcess(settings, settings.data_dir.parent / "worker.log")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture
@@ -34,8 +49,7 @@ def client(settings):
     return authed_client(create_app(settings))
 
 
-def test_job_trains_to_success_and_mlflow_holds_the_run(settings, client, start_worker):
-    start_worker(settings)
+def test_job_trains_to_success_and_mlflow_holds_the_run(settings, client, worker):
     response = client.post("/api/v1/jobs", json={
         "kind": "train", "dataset": "digits", "architecture": "cnn", "params": {"epochs": 4}})
     assert response.status_code == 201
@@ -48,7 +62,12 @@ def test_job_trains_to_success_and_mlflow_holds_the_run(settings, client, start_
     # The job's own log holds its worker's lines; the worker registered itself, idle again now.
     lines = [item["line"] for item in client.get(f"/api/v1/jobs/{job['id']}/logs").get_json()["items"]]
     assert any("epoch 4/4: train_loss=" in line for line in lines), lines
-    pool = client.get("/api/v1/workers").get_json()
+
+    def idle_pool():  # the worker clears its current job just after the job's final state is written
+        pool = client.get("/api/v1/workers").get_json()
+        return pool if all(w["current_job"] is None for w in pool["workers"]) else None
+
+    pool = wait_until(idle_pool, 10, "the worker never showed itself idle")
     assert [(w["alive"], w["queues"], w["current_job"]) for w in pool["workers"]] == [(True, ["cpu"], None)]
     assert pool["workers"][0]["device"].startswith("CPU")
 
@@ -79,8 +98,7 @@ def test_job_trains_to_success_and_mlflow_holds_the_run(settings, client, start_
     assert accuracy == pytest.approx(job["metrics"]["test_accuracy"], abs=1e-6)
 
 
-def test_running_job_is_cancelled_within_a_batch(settings, client, start_worker):
-    start_worker(settings)
+def test_running_job_is_cancelled_within_a_batch(settings, client, worker):
     job = client.post("/api/v1/jobs", json={
         "kind": "train", "dataset": "digits", "architecture": "cnn",
         "params": {"epochs": 1000, "batch_size": 8}}).get_json()
@@ -96,8 +114,7 @@ def test_running_job_is_cancelled_within_a_batch(settings, client, start_worker)
     assert MlflowClient(settings.mlflow_tracking_uri).get_run(done["mlflow_run_id"]).info.status == "KILLED"
 
 
-def test_second_delivery_of_a_message_does_not_train_twice(settings, client, start_worker):
-    worker = start_worker(settings)
+def test_second_delivery_of_a_message_does_not_train_twice(settings, client, worker):
     job = client.post("/api/v1/jobs", json={
         "kind": "train", "dataset": "digits", "architecture": "cnn", "params": {"epochs": 1}}).get_json()
     dispatch = CeleryDispatch(settings)
@@ -106,7 +123,7 @@ def test_second_delivery_of_a_message_does_not_train_twice(settings, client, sta
     done = wait_for_job(client, job["id"], {"SUCCEEDED", "FAILED", "CANCELLED"})
     assert done["status"] == "SUCCEEDED" and done["attempt"] == 1
     deadline = time.monotonic() + 60
-    while f"job {job['id']} is not claimable" not in worker.log():
+    while f"message for job {job['id']}: nothing claimable" not in worker.log():
         assert time.monotonic() < deadline, worker.log()
         time.sleep(0.2)
     assert [e["to_status"] for e in client.get(f"/api/v1/jobs/{job['id']}").get_json()["events"]] == [
