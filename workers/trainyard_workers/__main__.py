@@ -48,6 +48,9 @@ def worker(
         f"--hostname={node}",
         f"--loglevel={loglevel}",
         "--concurrency=1",
+        # Jobs are coordinated through the database, not between workers: no start-up sync of revoked
+        # tasks (mingle) and no worker-to-worker heartbeats (gossip). Remote control (drain) still works.
+        "--without-mingle", "--without-gossip",
         *_pid_file_option(settings, node),
     ])
 

@@ -6,8 +6,8 @@ import signal
 
 import psutil
 from celery import Celery
-from celery.signals import (after_setup_logger, after_setup_task_logger, worker_ready, worker_shutdown,
-                            worker_shutting_down)
+from celery.signals import (after_setup_logger, after_setup_task_logger, worker_init, worker_ready,
+                            worker_shutdown, worker_shutting_down)
 
 from trainyard.config import Settings
 from trainyard.logging_setup import structure_handlers
@@ -54,6 +54,16 @@ def create_celery_app(settings: Settings) -> Celery:
             p.stop()
 
     return app
+
+
+@worker_init.connect
+def _import_before_forking(**_) -> None:
+    # Every job runs in a fresh pool process (max_tasks_per_child=1); importing MLflow's model code here,
+    # once, in the parent saves each of them seconds of imports. Imports only: MLflow starts no thread and
+    # opens no connection on import (checked), and CUDA is not touched, so forking stays safe.
+    import mlflow.models  # noqa: F401
+    import mlflow.pytorch  # noqa: F401
+    import mlflow.tracking  # noqa: F401
 
 
 @worker_shutting_down.connect
