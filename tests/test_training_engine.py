@@ -137,3 +137,18 @@ def test_real_photos_nobody_prepared_register_and_train(platform):
     job = finished(client, submit(client, dataset="photos", architecture="resnet18",
                                   params={"epochs": 2, "batch_size": 4, "image_size": 32}), worker)
     assert np.isfinite(job["metrics"]["train_loss"])
+
+
+def test_compile_is_opt_in_and_wraps_the_same_parameters():
+    """params.compile: the training step goes through torch.compile (lazily: compiling happens at the first
+    batch), while checkpoints and the logged model keep the plain module's names."""
+    from trainyard.ml.architectures import InputShape, build_architecture
+    from trainyard.specs import TrainParams
+    from trainyard_workers.training_setup import training_module
+
+    model = build_architecture("cnn", InputShape(1, 8, 8, 10), {})
+    assert training_module(model, TrainParams()) is model
+    compiled = training_module(model, TrainParams(compile=True))
+    assert compiled is not model and compiled._orig_mod is model  # noqa: SLF001 - what torch.compile wraps
+    assert {id(p) for p in compiled.parameters()} == {id(p) for p in model.parameters()}
+    assert not any(name.startswith("_orig_mod") for name in model.state_dict())

@@ -45,6 +45,8 @@ class TrainParams(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the device supports it fast, else fp32.")
     channels_last: bool = Field(True, description="Channels-last memory format for convnets.")
+    compile: bool = Field(False, description="torch.compile the training step: faster steps on a GPU for larger "
+                                             "models, after a first epoch that pays for compiling (opt-in).")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for weights and data order.")
 
     _optimizer = field_validator("optimizer")(lambda cls, v: _registered(OPTIMIZERS, v))

@@ -49,6 +49,7 @@ from trainyard_workers.training_setup import (
     rank_batches,
     restore_training_state,
     select_device,
+    training_module,
     use_bf16,
 )
 
@@ -294,7 +295,7 @@ def follow(plan: dict[str, Any], rank: int, world_size: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     log.info("rank %s of %s on %s joined (%s torch threads, %s batches of %s per epoch)", rank, world_size,
              ranks.device, torch.get_num_threads(), len(parts.train_batches), ranks._samples_per_epoch)
-    model = ranks.wrap(parts.model)
+    model = training_module(ranks.wrap(parts.model), spec.params)
     try:
         while epoch := ranks.announce_epoch(0):
             loss = train_one_epoch(model, parts.train_batches, parts.optimizer, pipeline, parts.loss_fn, bf16=bf16,

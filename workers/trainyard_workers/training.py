@@ -44,6 +44,7 @@ from trainyard_workers.training_setup import (
     new_metrics,
     restore_training_state,
     select_device,
+    training_module,
     use_bf16,
 )
 
@@ -170,7 +171,7 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
             logged_epochs.add(resumed["epoch"])
     try:
         devices.start()
-        trained = devices.wrap(model)
+        trained = training_module(devices.wrap(model), params)
         stop_check = devices.stop_check(lease.should_stop)  # agreed by all ranks, once per batch
         for epoch in range(start_epoch, params.epochs + 1):
             devices.announce_epoch(epoch)

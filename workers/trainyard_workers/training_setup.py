@@ -122,6 +122,12 @@ def build_model(spec: JobSpec, splits: ImageSplits, device: torch.device) -> nn.
     return model
 
 
+def training_module(wrapped: nn.Module, params: TrainParams) -> nn.Module:
+    """What the training step calls: the (DDP-)wrapped model, compiled when the spec opts in. Checkpoints,
+    validation and the logged model keep using the plain module, whose state_dict has no compile prefix."""
+    return torch.compile(wrapped) if params.compile else wrapped
+
+
 def new_metrics(task: str, classes: list[str]):
     cls = ClassificationMetrics if task == "classification" else SegmentationMetrics
     return cls(len(classes), class_names=classes)
