@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from trainyard import jobs
+from trainyard import jobs, reconciling
 from trainyard.config import Settings
 from trainyard.datasets import ensure_builtin_datasets
 from trainyard.errors import Conflict, InvalidSpec, NotFound
@@ -144,7 +144,7 @@ def test_reconciler_requeues_expired_leases_and_spares_live_ones(platform_db, di
     later = utcnow() + timedelta(seconds=31)
     jobs.renew_lease(platform_db, alive.id, "w1", alive.attempt, 60)  # a late heartbeat keeps it
     sent = queue_length(dispatch)
-    assert jobs.requeue_lost_jobs(platform_db, dispatch, now=later) == [lost.id]
+    assert reconciling.requeue_lost_jobs(platform_db, dispatch, now=later) == [lost.id]
     assert queue_length(dispatch) == sent + 1
     requeued = jobs.get_job(platform_db, lost.id)
     assert requeued.status == "QUEUED" and requeued.lease_owner is None and requeued.attempt == 1
@@ -160,7 +160,7 @@ def test_reconciler_fails_jobs_out_of_attempts_and_honours_cancel(platform_db, d
     cancelled = running_job(platform_db, dispatch, settings)
     jobs.request_cancel(platform_db, cancelled.id)
     later = utcnow() + timedelta(seconds=31)
-    assert jobs.requeue_lost_jobs(platform_db, dispatch, now=later) == []
+    assert reconciling.requeue_lost_jobs(platform_db, dispatch, now=later) == []
     failed = jobs.get_job(platform_db, spent.id)
     assert failed.status == "FAILED" and "attempt 1 of 1" in failed.error
     assert jobs.get_job(platform_db, cancelled.id).status == "CANCELLED"
@@ -169,8 +169,8 @@ def test_reconciler_fails_jobs_out_of_attempts_and_honours_cancel(platform_db, d
 def test_reconciler_resends_long_silent_queued_jobs(platform_db, dispatch, settings):
     waiting = jobs.submit_job(platform_db, SPEC, dispatch, settings=settings)
     before = queue_length(dispatch)
-    assert jobs.requeue_lost_jobs(platform_db, dispatch) == []  # fresh: its message is surely there
-    assert jobs.requeue_lost_jobs(platform_db, dispatch, now=utcnow() + timedelta(minutes=6)) == [waiting.id]
+    assert reconciling.requeue_lost_jobs(platform_db, dispatch) == []  # fresh: its message is surely there
+    assert reconciling.requeue_lost_jobs(platform_db, dispatch, now=utcnow() + timedelta(minutes=6)) == [waiting.id]
     assert queue_length(dispatch) == before + 1
 
 

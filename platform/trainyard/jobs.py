@@ -89,7 +89,7 @@ def _view(row: Job, events: Sequence[JobEvent] = ()) -> JobView:
                    priority=PRIORITY_NAMES.get(row.priority, "normal"))
 
 
-def _transition(
+def transition(
     s: Session,
     job_id: int,
     *,
@@ -159,7 +159,7 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
     except Exception as exc:  # the broker is down or refused: say so rather than leave a job that never runs
         reason = f"could not enqueue: {type(exc).__name__}: {exc}"
         with db.session_scope() as s:
-            _transition(
+            transition(
                 s, job_id, from_status=JobStatus.QUEUED, to_status=JobStatus.FAILED, attempt=0,
                 message=reason, values={"error": reason, "finished_at": utcnow()},
             )
@@ -224,7 +224,7 @@ def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float, *,
             if row is None or row.status != JobStatus.QUEUED:
                 return None
             now = utcnow()
-            won = _transition(
+            won = transition(
                 s, row.id, from_status=JobStatus.QUEUED, to_status=JobStatus.RUNNING, attempt=row.attempt,
                 event_attempt=row.attempt + 1, message=f"started on {worker_label or worker}",
                 values={
@@ -313,7 +313,7 @@ def note_event(db: Database, job_id: int, attempt: int, message: str) -> bool:
 
 def _end_running(db: Database, job_id: int, attempt: int, to: JobStatus, message: str, **values: Any) -> bool:
     with db.session_scope() as s:
-        return _transition(
+        return transition(
             s, job_id, from_status=JobStatus.RUNNING, to_status=to, attempt=attempt, message=message,
             values={"lease_owner": None, "lease_expires_at": None, "finished_at": utcnow(), **values},
         )
@@ -345,7 +345,7 @@ def retry_job(db: Database, job_id: int, dispatch: Dispatch, *, actor: Principal
         if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise Conflict(f"Job {job_id} is {status}; only a FAILED or CANCELLED job can be retried.")
         queue, priority = row.queue, row.priority
-        done = _transition(
+        done = transition(
             s, job_id, from_status=status, to_status=JobStatus.QUEUED, attempt=row.attempt,
             message="retried" + (f" from the epoch-{row.checkpoint_epoch} checkpoint" if row.checkpoint_epoch else ""),
             values={"error": None, "finished_at": None, "cancel_requested": False,
@@ -354,13 +354,13 @@ def retry_job(db: Database, job_id: int, dispatch: Dispatch, *, actor: Principal
         )
     if not done:
         raise Conflict(f"Job {job_id} changed while it was being retried; look at it again.")
-    if not _send(dispatch, job_id, queue, priority):
+    if not send_after_commit(dispatch, job_id, queue, priority):
         raise ServiceUnavailable(f"Job {job_id} is QUEUED again but the broker did not take its message; "
                                  "the reconciler will send it again.")
     return get_job(db, job_id)
 
 
-def _send(dispatch: Dispatch, job_id: int, queue: str, priority: int) -> bool:
+def send_after_commit(dispatch: Dispatch, job_id: int, queue: str, priority: int) -> bool:
     """Dispatch after commit; False if the broker is away (the reconciler re-sends stale QUEUED jobs)."""
     try:
         dispatch(job_id, queue, priority)
@@ -379,65 +379,17 @@ def release_job(db: Database, job_id: int, attempt: int, message: str, dispatch:
         queue, priority = row.queue, row.priority
         cleared = {"lease_owner": None, "lease_expires_at": None}
         if row.cancel_requested:
-            _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.CANCELLED, attempt=attempt,
+            transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.CANCELLED, attempt=attempt,
                         message="cancelled by request", values={**cleared, "finished_at": utcnow()})
             return False
         # A deliberate stop is not a failure: it must not use up one of the job's attempts.
-        released = _transition(
+        released = transition(
             s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.QUEUED, attempt=attempt, message=message,
             values={**cleared, "max_attempts": row.max_attempts + 1},
             also=[Job.cancel_requested.is_(False)])
     if released:
-        _send(dispatch, job_id, queue, priority)
+        send_after_commit(dispatch, job_id, queue, priority)
     return released
-
-
-def requeue_lost_jobs(db: Database, dispatch: Dispatch, now: datetime | None = None,
-                      resend_after: timedelta = timedelta(minutes=5)) -> list[int]:
-    """Jobs RUNNING on an expired lease lost their worker: re-queue them to resume from their last
-    checkpoint, or fail them once max_attempts are used (a cancel requested meanwhile is honoured).
-    QUEUED jobs untouched for `resend_after` get their message sent again, in case it was lost (a second
-    delivery is harmless: the claim is a compare-and-set). Returns the ids sent."""
-    now = now or utcnow()
-    with db.session_scope() as s:
-        lost = s.execute(
-            select(Job.id, Job.attempt, Job.max_attempts, Job.lease_owner, Job.cancel_requested)
-            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
-            .order_by(Job.id)
-        ).all()
-    for job_id, attempt, max_attempts, owner, cancel in lost:
-        cleared = {"lease_owner": None, "lease_expires_at": None}
-        why = f"lease expired (worker {owner} lost)"
-        # The lease must still be expired when the update lands: a late heartbeat wins over us.
-        still_lost = [Job.lease_expires_at < now]
-        with db.session_scope() as s:
-            if cancel:
-                _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.CANCELLED, attempt=attempt,
-                            message=f"{why}; cancelled as requested", values={**cleared, "finished_at": now},
-                            also=still_lost)
-            elif attempt >= max_attempts:
-                error = f"{why} on attempt {attempt} of {max_attempts}; not retried"
-                _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.FAILED, attempt=attempt,
-                            message=error, values={**cleared, "finished_at": now, "error": error}, also=still_lost)
-            else:
-                _transition(s, job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.QUEUED, attempt=attempt,
-                            message=f"{why}; re-queued to resume from its last checkpoint", values=cleared,
-                            also=[*still_lost, Job.cancel_requested.is_(False)])
-    with db.session_scope() as s:
-        # Just re-queued jobs (updated now) and long-silent QUEUED ones: (re)send, and note when.
-        due = s.execute(
-            select(Job.id, Job.queue, Job.priority)
-            .where(Job.status == JobStatus.QUEUED, Job.updated_at < now - resend_after)
-            .order_by(Job.id)
-        ).all()
-        fresh = s.execute(
-            select(Job.id, Job.queue, Job.priority)
-            .where(Job.status == JobStatus.QUEUED, Job.id.in_([job_id for job_id, *_ in lost]))
-        ).all()
-        rows = {r[0]: r for r in [*fresh, *due]}
-        if due:
-            s.execute(update(Job).where(Job.id.in_([r[0] for r in due])).values(updated_at=now))
-    return [job_id for job_id, queue, priority in rows.values() if _send(dispatch, job_id, queue, priority)]
 
 
 def request_cancel(db: Database, job_id: int, *, actor: Principal | None = None) -> JobView:
@@ -457,7 +409,7 @@ def request_cancel(db: Database, job_id: int, *, actor: Principal | None = None)
             if status == JobStatus.RUNNING and row.cancel_requested:
                 break
             if status == JobStatus.QUEUED:
-                done = _transition(
+                done = transition(
                     s, job_id, from_status=status, to_status=JobStatus.CANCELLED, attempt=row.attempt,
                     message="cancelled before it started", values={"finished_at": utcnow()},
                 )

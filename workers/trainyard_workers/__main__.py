@@ -103,7 +103,7 @@ def reconciler(once: bool = typer.Option(False, help="Look once and exit.")) -> 
     import logging
     import time
 
-    from trainyard import jobs
+    from trainyard import reconciling
     from trainyard.queueing import CeleryDispatch
 
     from trainyard.logging_setup import configure_logging
@@ -116,7 +116,7 @@ def reconciler(once: bool = typer.Option(False, help="Look once and exit.")) -> 
     log.info("watching for lost jobs every %.1f s", settings.reconcile_seconds)
     while True:
         try:
-            requeued = jobs.requeue_lost_jobs(db, dispatch)
+            requeued = reconciling.requeue_lost_jobs(db, dispatch)
             if requeued:
                 log.info("re-queued lost jobs %s", requeued)
         except Exception:  # the database or broker is briefly away: try again next round
