@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up test test-fast services bench clean
+.PHONY: install up test test-fast services bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ test: install services
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# Benchmarks (bench/): every bench/bench_*.py, then BENCHMARKS.md. `make bench ARGS=--quick` or `make bench-quick`
+# for a few minutes' run; ARGS also takes --repeats N, --only 04,07.
+bench: install services
+	$(BIN)/python bench/run_all.py $(ARGS)
+
+bench-quick: install services
+	$(BIN)/python bench/run_all.py --quick $(ARGS)
 
 clean:
 	rm -rf .trainyard .pytest_cache
