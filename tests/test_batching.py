@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,28 +12,53 @@ import torch
 from trainyard.ml.batching import MicroBatcher
 
 
+class GatedForward:
+    """A forward that records batch sizes and holds its first call until released, so the requests sent
+    meanwhile are sure to be queued behind it."""
+
+    def __init__(self, fn=lambda x: x * 2) -> None:
+        self.fn, self.sizes = fn, []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        self.started.set()
+        assert self.release.wait(10), "never released"
+        return self.fn(x)
+
+
+def run_gated(batcher: MicroBatcher, forward: GatedForward, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The first input alone, then the rest while its forward is held; all results."""
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        first = pool.submit(batcher.submit, inputs[0])
+        assert forward.started.wait(10)
+        rest = [pool.submit(batcher.submit, x) for x in inputs[1:]]
+        deadline = time.monotonic() + 10
+        while batcher._queue.qsize() < len(rest):  # noqa: SLF001 - wait until they are all queued
+            assert time.monotonic() < deadline, "requests never queued"
+            time.sleep(0.01)
+        forward.release.set()
+        return [f.result(timeout=10) for f in [first, *rest]]
+
+
 def test_concurrent_requests_share_forwards_and_get_their_own_rows():
-    release = threading.Event()
-    sizes: list[int] = []
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        sizes.append(len(x))
-        release.wait(5)  # the first forward holds on while the other requests queue up behind it
-        return x * 2
-
+    forward = GatedForward()
     batcher = MicroBatcher(forward, max_batch=64)
     inputs = [torch.full((1 + i % 3, 4), float(i)) for i in range(12)]
-    with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(batcher.submit, x) for x in inputs]
-        while batcher._queue.qsize() < 11:  # noqa: SLF001 - wait until all but the running one are queued
-            threading.Event().wait(0.01)
-        release.set()
-        results = [f.result(timeout=10) for f in futures]
+    results = run_gated(batcher, forward, inputs)
     for x, y in zip(inputs, results):
         assert torch.equal(y, x * 2)
-    # One request alone, then the eleven that queued during it, together.
-    assert sizes[0] == len(inputs[0]) and sum(sizes) == sum(len(x) for x in inputs)
-    assert len(sizes) == 2 and batcher.batches_run == 2 and batcher.requests_served == 12
+    # One request alone, then the eleven that queued during it, together in one forward.
+    assert forward.sizes == [len(inputs[0]), sum(len(x) for x in inputs[1:])]
+    assert (batcher.batches_run, batcher.requests_served) == (2, 12)
+    batcher.close()
+
+
+def test_the_batch_size_is_capped():
+    forward = GatedForward()
+    batcher = MicroBatcher(forward, max_batch=4)
+    run_gated(batcher, forward, [torch.zeros(1, 2) for _ in range(9)])
+    assert forward.sizes == [1, 4, 4]
     batcher.close()
 
 
@@ -46,24 +72,4 @@ def test_a_failing_forward_fails_each_waiting_request_and_the_batcher_carries_on
     with pytest.raises(ValueError, match="negative input"):
         batcher.submit(torch.tensor([[-1.0]]))
     assert torch.equal(batcher.submit(torch.tensor([[1.0]])), torch.tensor([[2.0]]))
-    batcher.close()
-
-
-def test_the_batch_size_is_capped():
-    release = threading.Event()
-    sizes: list[int] = []
-
-    def forward(x):
-        sizes.append(len(x))
-        release.wait(5)
-        return x
-
-    batcher = MicroBatcher(forward, max_batch=4)
-    with ThreadPoolExecutor(9) as pool:
-        futures = [pool.submit(batcher.submit, torch.zeros(1, 2)) for _ in range(9)]
-        while batcher._queue.qsize() < 8:  # noqa: SLF001
-            threading.Event().wait(0.01)
-        release.set()
-        [f.result(timeout=10) for f in futures]
-    assert sizes == [1, 4, 4]
     batcher.close()

@@ -122,13 +122,19 @@ def test_two_process_job_matches_one_process_and_logs_once(settings, client, sta
     assert rank_processes(worker) == []
 
 
-def test_cancelling_a_ddp_job_stops_every_rank(settings, client, start_worker):
+def start_long_ddp_job(settings, client, start_worker):
+    """A worker and a 2-process job that trains far longer than the test lasts, once it is past batch 2."""
     worker = start_worker(settings, queues="cpu,cpu.x2")
     job_id = submit(client, 2, epochs=1000, batch_size=8)
     deadline = time.monotonic() + 120
     while client.get(f"/api/v1/jobs/{job_id}").get_json()["progress"].get("batch", 0) < 2:
         assert time.monotonic() < deadline, f"job never started training\n{worker.log()[-3000:]}"
         time.sleep(0.2)
+    return worker, job_id
+
+
+def test_cancelling_a_ddp_job_stops_every_rank(settings, client, start_worker):
+    worker, job_id = start_long_ddp_job(settings, client, start_worker)
     ranks = rank_processes(worker)
     assert len(ranks) == 1, ranks  # rank 1 runs beside rank 0 (the pool process)
     assert client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 202
@@ -143,12 +149,7 @@ def test_cancelling_a_ddp_job_stops_every_rank(settings, client, start_worker):
 
 
 def test_a_rank_that_dies_fails_the_job_with_the_reason(settings, client, start_worker):
-    worker = start_worker(settings, queues="cpu,cpu.x2")
-    job_id = submit(client, 2, epochs=1000, batch_size=8)
-    deadline = time.monotonic() + 120
-    while client.get(f"/api/v1/jobs/{job_id}").get_json()["progress"].get("batch", 0) < 2:
-        assert time.monotonic() < deadline, f"job never started training\n{worker.log()[-3000:]}"
-        time.sleep(0.2)
+    worker, job_id = start_long_ddp_job(settings, client, start_worker)
     [rank1] = rank_processes(worker)
     rank1.kill()  # as the OOM killer would
     done = wait_for_job(client, job_id, ENDED, timeout=60)
