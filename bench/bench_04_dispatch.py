@@ -9,10 +9,10 @@ job meets an idle worker, like the baseline's task.
 Baseline: a bare Celery app (bench/bare_celery.py) with the same broker settings and a concurrency-1 worker
 on the same Redis; the clock starts just before `send_task`, and the task's first line writes time.time().
 
-Between jobs: the platform worker replaces its pool process after every job (worker_max_tasks_per_child=1);
-the script waits until the replacement is up (pool_replaced_after_end_s), then both sides wait the same
-0.5 s. So the figure is for a job meeting an idle, ready worker; a job sent sooner after the previous one
-also waits for the replacement. One repetition = N jobs; its value is their p50 in ms. The p99 over all
+Between jobs: a CPU worker keeps its pool process from job to job (a GPU worker replaces it after every
+job: see `trainyard_workers.app.jobs_per_process`); where it is replaced the script waits until the
+replacement is up (pool_replaced_after_end_s, 0 when kept), then both sides wait the same 0.5 s. So the
+figure is for a job meeting an idle, ready worker. One repetition = N jobs; its value is their p50 in ms. The p99 over all
 jobs of a side is reported alongside, with where the platform's time goes (post_ms: the POST's round trip;
 created_to_started_ms: row committed → claimed).
 """
@@ -32,19 +32,20 @@ from sqlalchemy import create_engine, select
 
 import harness
 import stack
+from trainyard_workers.app import jobs_per_process
 
 MEASURE = "04 dispatch latency"
 SETTLE_SECONDS = 0.5  # after each job, on both sides
 
 
-def wait_pool_replaced(worker_pid: int, job_pid: int, timeout: float = 120) -> float:
-    """The platform worker replaces its pool process after every job (worker_max_tasks_per_child=1): wait
-    until the process that ran the job is gone and its replacement is up; returns the seconds waited."""
+def wait_pool_ready(worker_pid: int, job_pid: int, replaced: bool, timeout: float = 120) -> float:
+    """Wait until the worker has a pool process for the next job: the one that ran the job if processes are
+    kept, else its replacement; returns the seconds waited."""
     t0 = time.monotonic()
     parent = psutil.Process(worker_pid)
     while time.monotonic() - t0 < timeout:
         children = parent.children()
-        if children and all(c.pid != job_pid for c in children):
+        if children and (not replaced or all(c.pid != job_pid for c in children)):
             return time.monotonic() - t0
         time.sleep(0.02)
     raise RuntimeError("the worker's pool process was not replaced")
@@ -62,6 +63,7 @@ def main() -> int:
         env = stack.settings_env(settings)
         web = procs.gunicorn("web", "trainyard_web:create_app()", env)
         worker = procs.platform_worker(settings, queues="cpu")
+        replaced = jobs_per_process(settings) == 1  # a fresh pool process per job (a GPU worker)
         bare_env = {**env, "BENCH_BROKER_URL": broker_url}
         bare_worker = procs.start("bare-worker", [sys.executable, "-m", "celery", "-A", "bare_celery", "worker",
                                                   "--queues=bare", "--concurrency=1", "--loglevel=INFO",
@@ -113,7 +115,7 @@ def main() -> int:
             # "started on <node> (pid N)": the pool process that ran the job
             found = re.search(r"\(pid (\d+)\)", started_on)
             job_pid = int(found.group(1)) if found else -1
-            breakdown["pool_replaced_after_end_s"].append(wait_pool_replaced(worker.process.pid, job_pid))
+            breakdown["pool_replaced_after_end_s"].append(wait_pool_ready(worker.process.pid, job_pid, replaced))
             return latency * 1000
 
         from bare_celery import app as bare_app
@@ -144,7 +146,7 @@ def main() -> int:
 
         result = harness.compare(MEASURE, f"p50 POST→engine vs bare submit→start ({jobs_per_rep} jobs/rep)",
                                  batch(platform_once, all_platform), batch(baseline_once, all_baseline),
-                                 repeats=args.repeats, unit="ms", higher_is_better=False, warmup=0)
+                                 repeats=args.repeats, unit="ms", higher_is_better=False, warmup=1)
         p99_platform = harness.percentile(all_platform, 99)
         p99_baseline = harness.percentile(all_baseline, 99)
         result.extra.update(platform_p99_ms=round(p99_platform, 2), baseline_p99_ms=round(p99_baseline, 2),

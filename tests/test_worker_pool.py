@@ -9,7 +9,9 @@ from datetime import datetime
 import psutil
 import pytest
 
+from trainyard.config import Settings
 from trainyard.gpus import Device, gpu_type
+from trainyard_workers.app import CPU_JOBS_PER_PROCESS, create_celery_app, jobs_per_process
 from trainyard_workers.pool import PoolError, parse_indices, plan_workers
 from trainyard_web import create_app
 from trainyard.db import upgrade_schema
@@ -55,6 +57,26 @@ def test_a_pool_that_cannot_be_built_says_why(call, message):
     devices = [Device(0, H100, 81559), Device(1, H100, 81559), Device(2, A100, 40960)]
     with pytest.raises(PoolError, match=re.escape(message)):
         call(devices)
+
+
+@pytest.mark.parametrize("visible, simulated, configured, expected", [
+    ("0", None, 0, 1),  # pinned to a GPU: a fresh process per job
+    ("0,1", None, 0, 1),
+    ("", "H100", 0, CPU_JOBS_PER_PROCESS),  # every GPU hidden
+    ("-1", None, 0, CPU_JOBS_PER_PROCESS),
+    (None, "H100,H100", 0, 1),  # not pinned, but the host has GPUs
+    (None, None, 0, CPU_JOBS_PER_PROCESS),
+    ("0", None, 7, 7),  # TRAINYARD_JOBS_PER_PROCESS wins
+])
+def test_a_pool_process_lives_one_gpu_job_or_many_cpu_jobs(monkeypatch, tmp_path, visible, simulated, configured,
+                                                          expected):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    settings = Settings(data_dir=tmp_path, simulated_gpus=simulated, jobs_per_process=configured)
+    assert jobs_per_process(settings) == expected
+    assert create_celery_app(settings).conf.worker_max_tasks_per_child == expected
 
 
 def test_the_pool_starts_pinned_named_processes_that_register(web_settings, tmp_path, monkeypatch):
@@ -125,6 +147,8 @@ def test_queues_route_priority_orders_and_waiting_jobs_say_why(web_settings, sta
     ran_on = {j: job["events"][1]["message"] for j, job in done.items()}
     assert all(names[("qa",)] in ran_on[j] for j in [*normal, urgent]), ran_on
     assert names[("qb",)] in ran_on[other], ran_on
+    # A CPU worker keeps its pool process from job to job: the four qa jobs ran in one process.
+    assert len({re.search(r"\(pid (\d+)\)", ran_on[j]).group(1) for j in [*normal, urgent]}) == 1, ran_on
 
     # The high-priority job, submitted after three normal ones, started first; the rest in order.
     started = sorted([*normal, urgent], key=lambda j: datetime.fromisoformat(done[j]["started_at"]))

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")
     reconcile_seconds: float = Field(10.0, gt=0, description="how often lost jobs are looked for")
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (one per core)")
+    jobs_per_process: int = Field(0, ge=0, description="jobs a worker's pool process runs before a fresh one "
+                                                      "replaces it; 0 = 1 on a GPU worker, 100 on a CPU worker")
 
     @field_validator("login_rate_limit", "predict_rate_limit")
     @classmethod

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 import signal
 
 import psutil
+import torch
 from celery import Celery
-from celery.signals import (after_setup_logger, after_setup_task_logger, worker_init, worker_ready,
-                            worker_shutdown, worker_shutting_down)
+from celery.signals import (after_setup_logger, after_setup_task_logger, worker_init, worker_process_init,
+                            worker_ready, worker_shutdown, worker_shutting_down)
 
 from trainyard.config import Settings
 from trainyard.logging_setup import structure_handlers
@@ -15,14 +19,39 @@ from trainyard.queueing import RUN_JOB_TASK, celery_config
 from trainyard_workers import drain, engine
 from trainyard_workers.presence import Presence
 
+log = logging.getLogger(__name__)
+CPU_JOBS_PER_PROCESS = 100
+
+
+def jobs_per_process(settings: Settings) -> int:
+    """How many jobs one pool process runs before a fresh one replaces it.
+
+    On a GPU worker, one: the CUDA context, the caching allocator's memory and any tensor a job leaked go
+    with the process. Replacing a process costs about two seconds, nothing next to a GPU job, but it
+    dominated short CPU jobs (and the next job's start), so a CPU worker keeps its process warm, with its
+    imports, compile caches and database connections, and renews it now and then.
+    """
+    if settings.jobs_per_process:
+        return settings.jobs_per_process
+    return 1 if uses_gpus(settings) else CPU_JOBS_PER_PROCESS
+
+
+def uses_gpus(settings: Settings) -> bool:
+    """Whether this worker's jobs can see a GPU, read without initialising CUDA (the parent forks)."""
+    from trainyard.gpus import discover_gpus
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return any(i.strip().isdigit() for i in visible.split(","))  # "" or "-1" hide every GPU
+    return bool(discover_gpus(settings.simulated_gpus))
+
 
 def create_celery_app(settings: Settings) -> Celery:
     """A Celery app bound to `settings`, with the platform's tasks registered."""
     app = Celery("trainyard")
     app.conf.update(celery_config(settings))
-    # One job at a time per process, and a fresh process per job: a CUDA context or a leaked tensor
-    # never outlives the job that made it.
-    app.conf.update(worker_concurrency=1, worker_max_tasks_per_child=1)
+    # One job at a time per process; see jobs_per_process for how long a process lives.
+    app.conf.update(worker_concurrency=1, worker_max_tasks_per_child=jobs_per_process(settings))
     app.steps["consumer"].add(drain.DrainStep)  # `python -m trainyard_workers drain`
     context = engine.WorkerContext(settings)
 
@@ -31,7 +60,26 @@ def create_celery_app(settings: Settings) -> Celery:
         # Set here, not at process start: the pool installs its own SIGTERM handler after that. In a pool
         # process SIGTERM now means "hand the job back", not "die mid-batch".
         signal.signal(signal.SIGTERM, lambda *_: engine.SHUTTING_DOWN.set())
-        engine.run_job(context, job_id, worker_name=task.request.hostname)
+        threads = torch.get_num_threads()
+        try:
+            engine.run_job(context, job_id, worker_name=task.request.hostname)
+        finally:
+            # A process may run the next job too: leave it as the job found it, its cycles freed. What is
+            # still alive after that (modules the job imported, caches) stays: freezing it keeps the next
+            # collection as cheap as this one (a full collection over torch's and MLflow's objects takes
+            # half a second).
+            torch.set_num_threads(threads)
+            gc.collect()
+            gc.freeze()
+
+    @worker_process_init.connect(weak=False)
+    def _connect_early(**_) -> None:
+        # A new pool process opens its database connection now, not when the first message is waiting.
+        try:
+            with context.db.engine.connect():
+                pass
+        except Exception:  # the claim retries through an outage; nothing to do here
+            log.warning("pool process could not reach the platform database yet", exc_info=True)
 
     @after_setup_logger.connect(weak=False)
     @after_setup_task_logger.connect(weak=False)
@@ -58,12 +106,16 @@ def create_celery_app(settings: Settings) -> Celery:
 
 @worker_init.connect
 def _import_before_forking(**_) -> None:
-    # Every job runs in a fresh pool process (max_tasks_per_child=1); importing MLflow's model code here,
-    # once, in the parent saves each of them seconds of imports. Imports only: MLflow starts no thread and
+    # A pool process is forked again and again (after every job on a GPU worker); importing MLflow's model
+    # code here, once, in the parent saves each of them seconds of imports. Imports only: MLflow starts no thread and
     # opens no connection on import (checked), and CUDA is not touched, so forking stays safe.
     import mlflow.models  # noqa: F401
     import mlflow.pytorch  # noqa: F401
     import mlflow.tracking  # noqa: F401
+
+    # Everything imported so far lives as long as the worker: out of the collector's sight, so no pool
+    # process pays to traverse it (and its pages stay shared with the parent instead of being copied).
+    gc.freeze()
 
 
 @worker_shutting_down.connect
