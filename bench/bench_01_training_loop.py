@@ -18,14 +18,16 @@ The API → Celery hop is not in this figure: it is paid once per job, before th
 training and are left out of both sides. Steady state: one unrecorded warm-up epoch per side (harness
 `warmup=1`); every recorded repetition is one full epoch over the same data.
 
-The baseline is what a person would write by hand: the same architecture built with the same builder (a
-second instance), the same uint8 tensors indexed by a random permutation, the same normalisation, channels-last,
+The baseline is what a person would write by hand around the same model instance and optimizer: the same
+uint8 tensors indexed by a random permutation, the same normalisation, channels-last,
 dtype/autocast, optimizer, batch size and thread count, and no logging.
 
 Classification rows use random uint8 3×32×32 images of 10 classes (the CIFAR-style stems); the unet row uses
-the built-in `shapes` segmentation dataset (3×64×64, 4 classes). `--quick` runs the rows cnn, resnet18 and
-unet only, with smaller batches, fewer batches per epoch and unet at 32×32 (see QUICK), so the script stays
-within a few minutes on 2 busy cores; ratios stay meaningful because both sides shrink alike.
+the built-in `shapes` segmentation dataset (3×64×64 full, 3×32×32 quick, 4 classes). An epoch is sized by
+time, not by count: after a warm-up, two bare batches are timed and the epoch gets as many batches as fit
+in EPOCH_SECONDS (8 s full, 2.5 s quick; at least 3). A real job's epoch is far longer still; an epoch of
+2 batches would weigh the once-per-epoch work (the metric commit, a heartbeat) tens of times more than any
+job does. `--quick` keeps every architecture row, with batch 16 and 7 repetitions.
 
     .venv/bin/python bench/bench_01_training_loop.py [--quick] [--repeats N] [--arch resnet18 ...]
 """
@@ -52,14 +54,14 @@ from torch.utils.data import TensorDataset
 MEASURE = "01 training loop"
 TARGET = "≥ 0.97 (CPU)"
 ARCHITECTURES = ["cnn", "alexnet", "vgg11", "resnet18", "resnet50", "unet"]
-QUICK_ARCHITECTURES = ["cnn", "resnet18", "unet"]  # small, residual, segmentation
-# (batch size, batches per epoch, image side) per architecture. Full runs use the platform's default batch
-# size (32) and the datasets' sizes; --quick shrinks the heavy rows so the script stays within minutes on
-# 2 busy cores (a resnet50 or unet batch of 32 takes 20-30 s there).
-FULL = {"cnn": (32, 40, 32), "alexnet": (32, 8, 32), "vgg11": (32, 6, 32), "resnet18": (32, 6, 32),
-        "resnet50": (32, 3, 32), "unet": (32, 3, 64)}
-QUICK = {"cnn": (16, 6, 32), "alexnet": (8, 2, 32), "vgg11": (8, 2, 32), "resnet18": (8, 2, 32),
-         "resnet50": (8, 2, 32), "unet": (8, 2, 32)}
+# (batch size, image side) per architecture: the platform's default batch size and the datasets' sizes in full
+# runs; --quick halves the batch and runs unet at 32×32.
+FULL = {"cnn": (32, 32), "alexnet": (32, 32), "vgg11": (32, 32), "resnet18": (32, 32), "resnet50": (32, 32),
+        "unet": (32, 64)}
+QUICK = {"cnn": (16, 32), "alexnet": (16, 32), "vgg11": (16, 32), "resnet18": (16, 32), "resnet50": (16, 32),
+         "unet": (16, 32)}
+EPOCH_SECONDS = {False: 8.0, True: 2.5}  # one repetition's length, full / quick
+MIN_BATCHES, MAX_BATCHES = 3, 200
 
 
 def synthetic_classification(n: int, side: int, seed: int = 0):
@@ -80,7 +82,9 @@ def shapes_segmentation(n: int, side: int):
 
     splits = FORMATS.get("shapes").obj.load(None, None if side == 64 else (side, side))
     images, masks = splits.train.tensors
-    return ImageSplits(task=splits.task, train=TensorDataset(images[:n], masks[:n]), val=splits.val,
+    repeat = -(-n // len(images))  # a long epoch may need the images more than once
+    images, masks = images.repeat(repeat, 1, 1, 1)[:n], masks.repeat(repeat, 1, 1)[:n]
+    return ImageSplits(task=splits.task, train=TensorDataset(images, masks), val=splits.val,
                        test=splits.test, classes=splits.classes, image_shape=splits.image_shape,
                        mean=splits.mean, std=splits.std)
 
@@ -119,6 +123,30 @@ class Platform:
         return JobSpec.model_validate(job.spec), job, lease, run, MetricBuffer(run), run.start_system_metrics()
 
 
+def batches_for(architecture: str, batch_size: int, side: int, seconds: float) -> int:
+    """How many batches of a bare training step fit in `seconds` (after one warm-up step)."""
+    from trainyard.ml.architectures import InputShape, build_architecture
+
+    classes = 4 if architecture == "unet" else 10
+    model = build_architecture(architecture, InputShape(3, side, side, classes), {}).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters())
+    x = torch.randn(batch_size, 3, side, side).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch_size, side, side) if architecture == "unet" else (batch_size,))
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    started = time.perf_counter()
+    step()
+    step()
+    per_batch = (time.perf_counter() - started) / 2
+    return max(MIN_BATCHES, min(MAX_BATCHES, round(seconds / per_batch)))
+
+
 def bench_architecture(plat: Platform, architecture: str, quick: bool, repeats: int):
     from trainyard_workers.loop import train_one_epoch
     from trainyard_workers.training_setup import (
@@ -128,7 +156,8 @@ def bench_architecture(plat: Platform, architecture: str, quick: bool, repeats: 
         use_bf16,
     )
 
-    batch_size, n_batches, side = (QUICK if quick else FULL)[architecture]
+    batch_size, side = (QUICK if quick else FULL)[architecture]
+    n_batches = batches_for(architecture, batch_size, side, EPOCH_SECONDS[quick])
     n_images = n_batches * batch_size
     segmentation = architecture == "unet"
     splits = shapes_segmentation(n_images, side) if segmentation else synthetic_classification(n_images, side)
@@ -163,14 +192,10 @@ def bench_architecture(plat: Platform, architecture: str, quick: bool, repeats: 
             step_metrics.commit()  # the engine commits after the epoch's checkpoint; the write is off-thread
             return n_images / (time.perf_counter() - started)
 
-        # ---- baseline: a hand-written loop over the same tensors
-        from trainyard.ml.architectures import InputShape, build_architecture
-
-        torch.manual_seed(params.seed)
-        c, h, w = splits.image_shape
-        model = build_architecture(architecture, InputShape(c, h, w, len(splits.classes)), {})
-        model = model.to(device, memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+        # ---- baseline: a hand-written loop over the same tensors, training the same model instance with the
+        # same optimizer (two instances would sit in different memory, and on a CPU that alone moved the
+        # ratio of a large model by ±10 % between runs).
+        model, optimizer = parts.model, parts.optimizer
         loss_fn = nn.CrossEntropyLoss()
         images, targets = splits.train.tensors
         mean = torch.tensor(splits.mean).view(1, -1, 1, 1)
@@ -205,13 +230,13 @@ def bench_architecture(plat: Platform, architecture: str, quick: bool, repeats: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="*", default=None, help=f"subset of {', '.join(ARCHITECTURES)}")
-    args = parse_args(parser=parser)
-    archs = args.arch or (QUICK_ARCHITECTURES if args.quick else ARCHITECTURES)
+    args = parse_args(parser=parser, quick_repeats=7)
+    archs = args.arch or ARCHITECTURES
     unknown = set(archs) - set(ARCHITECTURES)
     if unknown:
         parser.error(f"unknown architectures: {', '.join(sorted(unknown))}")
     tmp = Path(tempfile.mkdtemp(prefix="bench01-"))
-    mode = f"--quick: rows {', '.join(archs)} only, smaller batches and epochs" if args.quick else "full run"
+    mode = f"--quick: batch 16, epochs of ~{EPOCH_SECONDS[True]} s" if args.quick else "full run"
     print(f"{MEASURE}: engine hot path in-process (the API → Celery hop is measure 4); {mode}; "
           f"threads={torch.get_num_threads()}", flush=True)
     try:

@@ -6,8 +6,9 @@ imports this module as `harness`). It builds a platform callable and a baseline 
 one repetition and returning one value (images/s, seconds, requests/s, ...), and calls `compare`, which
 runs them interleaved (A,B then B,A, ...) so background load on a shared machine hits both sides alike.
 
-The ratio is always platform median / baseline median, read against the target's phrasing in
-BENCHMARKS.md:
+The ratio is always the median over repetitions of platform / baseline, the two values of a repetition
+measured back to back (close to platform median / baseline median, but immune to the machine's drift
+between repetitions), read against the target's phrasing in BENCHMARKS.md:
 
 - ratio_kind "throughput" (higher_is_better=True): the platform should reach at least X of the baseline;
   target "≥ 0.97" is met when ratio >= 0.97.
@@ -76,10 +77,16 @@ class Result:
 
     @property
     def ratio(self) -> float:
-        """platform median / baseline median (see the module docstring for how to read it)."""
-        if self.baseline_median == 0:
-            return float("inf") if self.platform_median else 1.0
-        return self.platform_median / self.baseline_median
+        """The median over repetitions of platform / baseline, each repetition's two values measured back to
+        back (see the module docstring for how to read it). On a machine whose speed drifts by ±10 % within
+        a minute, pairing cancels the drift that a ratio of the two sides' medians keeps."""
+        pairs = [p / b if b else (float("inf") if p else 1.0)
+                 for p, b in zip(self.values("platform"), self.values("baseline"))]
+        if not pairs:  # a Result built by hand from medians alone
+            if self.baseline_median == 0:
+                return float("inf") if self.platform_median else 1.0
+            return self.platform_median / self.baseline_median
+        return statistics.median(pairs)
 
     @property
     def difference(self) -> float:
@@ -149,7 +156,7 @@ def summary_lines(result: Result) -> str:
         f"{r.measure} | {r.label}  ({r.repeats} repeats, interleaved)",
         f"  platform  median {r.platform_median:.4g}  min {r.platform_min:.4g}  max {r.platform_max:.4g} {r.unit}",
         f"  baseline  median {r.baseline_median:.4g}  min {r.baseline_min:.4g}  max {r.baseline_max:.4g} {r.unit}",
-        f"  ratio platform/baseline = {r.ratio:.3f} ({r.ratio_kind}: "
+        f"  ratio platform/baseline = {r.ratio:.3f}, median of {r.repeats} paired repetitions ({r.ratio_kind}: "
         f"{'higher' if r.higher_is_better else 'lower'} is better)",
     ])
 

@@ -105,8 +105,7 @@ def write_markdown(data: dict, outcomes: dict[str, dict], day: dt.date, quick: b
         "# Trainyard benchmarks",
         "",
         f"Latest figures from `make bench{' ARGS=--quick' if quick else ''}` on {day.isoformat()}. Every figure is a ratio "
-        "of two medians measured side by side in one process run, the platform and its bare baseline interleaved "
-        "(A,B / B,A); see `/bench` and the design targets in the project's BENCHMARKS brief. Absolute numbers drift "
+        "measured side by side in one process run, the platform and its bare baseline interleaved (A,B / B,A); see `/bench` and the design targets in the project's BENCHMARKS brief. Absolute numbers drift "
         "with background load on shared machines; the ratios are what count.",
         "",
         f"**Machine:** {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('ram_gb')} GB RAM, "
@@ -114,7 +113,8 @@ def write_markdown(data: dict, outcomes: dict[str, dict], day: dt.date, quick: b
         f"({machine.get('torch_threads')} threads); load average at start {_num(machine.get('load_avg_1m'))}."
         + (" Quick mode (fewer repetitions)." if quick else ""),
         "",
-        "Ratio = platform median / baseline median. For throughputs (higher is better) the target is a floor; "
+        "Ratio = the median over repetitions of platform / baseline, each repetition's pair measured back to back "
+        "(the medians shown beside it drift with the machine; the pairs do not). For throughputs (higher is better) the target is a floor; "
         "for latencies (lower is better) a ceiling.",
         "",
         "| measure | label | platform median [min–max] | baseline median [min–max] | unit | ratio | target | result | notes |",
