@@ -120,7 +120,7 @@ def main() -> int:
             after_put_ms_median=round(sorted(p["after_put_ms"] for p in recorded)[len(recorded) // 2], 1),
             old_version_answers=[p["old_version_answers"] for p in recorded], model=f"{args.arch} digits")
         report(result, "≤ 1.5×", result.ratio <= 1.5,
-               "includes the alias cache TTL (serving.ALIAS_TTL_SECONDS) and the download from the MLflow "
+               "includes the PUT, the alias change check and the download from the MLflow "
                f"artifact store{'; --quick' if args.quick else ''}")
     return 0
 

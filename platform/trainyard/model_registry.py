@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from trainyard.config import Settings
 from trainyard.db import Database
@@ -282,6 +283,23 @@ def rollback(db: Database, settings: Settings, *, name: str, alias: str, actor: 
     return promote(db, settings, name=name, alias=alias, version=last.from_version, force=True, actor=actor)
 
 
+# Caches of alias resolutions in this process (the serving endpoint's), told at once when an alias moves here;
+# other processes find out through last_alias_move.
+_ALIAS_WATCHERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def watch_alias_moves(watcher) -> None:
+    """Call `watcher.alias_moved(name)` whenever this process moves an alias of model `name`."""
+    _ALIAS_WATCHERS.add(watcher)
+
+
+def last_alias_move(db: Database, name: str) -> int | None:
+    """The id of the newest alias event of model `name` (None before the first): a cheap "has any alias of
+    this model moved since?" for caches."""
+    with db.session_scope() as s:
+        return s.scalar(select(func.max(ModelAliasEvent.id)).where(ModelAliasEvent.model_name == name))
+
+
 def _audit(db: Database, name: str, alias: str, from_version: int | None, to_version: int | None, forced: bool,
            actor: str, reason: str) -> AliasEventView:
     with db.session_scope() as s:
@@ -289,7 +307,10 @@ def _audit(db: Database, name: str, alias: str, from_version: int | None, to_ver
                               forced=forced, actor=actor[:200], reason=reason)
         s.add(row)
         s.flush()
-        return to_view(AliasEventView, row)
+        event = to_view(AliasEventView, row)
+    for watcher in list(_ALIAS_WATCHERS):
+        watcher.alias_moved(name)
+    return event
 
 
 @_mlflow_errors_as_domain_errors

@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, *, serving_only: bool = False) 
     app.json.sort_keys = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.extensions[EXTENSION_KEY] = Platform(settings=settings, db=db, dispatch=CeleryDispatch(settings),
-                                             models=ModelServer(settings))
+                                             models=ModelServer(settings, db))
     register_problem_handlers(app)
     limiter = security.install(app, body_limits={
         "serving.predict": MAX_REQUEST_BYTES,

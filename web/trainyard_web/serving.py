@@ -11,30 +11,46 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from trainyard import model_registry
 from trainyard.config import Settings
+from trainyard.db import Database
 from trainyard.errors import InvalidSpec
 from trainyard.ml.batching import MicroBatcher
 from trainyard.ml.datasets import UnreadableImage
 from trainyard.ml.servable import LoadedModel, preprocess
 
 MAX_IMAGES = 64
-ALIAS_TTL_SECONDS = 2.0  # an alias move is seen by the next request at most this long after it happens
+# An alias moved through Trainyard (promote, roll back, remove) leaves a row in model_alias_event. The process
+# that moved it drops its cached resolution at once; every other serving process reads the model's newest
+# event id (one indexed read) at most every ALIAS_CHECK_SECONDS, so it answers from the new version within
+# that. An alias moved behind Trainyard's back, in MLflow itself, is seen within ALIAS_RECHECK_SECONDS.
+ALIAS_CHECK_SECONDS = 0.1
+ALIAS_RECHECK_SECONDS = 30.0
 MAX_LOADED_MODELS = 4
 MAX_SERVING_BATCH = 64  # images per forward when concurrent requests are batched together
 
 
-class ModelServer:
-    """Resolves name@alias to a version (re-checked every few seconds) and keeps recent versions loaded."""
+class _Resolution(NamedTuple):
+    version: int
+    at: float  # time.monotonic() when MLflow was asked
+    last_move: int | None  # the newest alias event of the model then
 
-    def __init__(self, settings: Settings) -> None:
+
+class ModelServer:
+    """Resolves name@alias to a version (again as soon as an alias of the model moves) and keeps recent
+    versions loaded."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
+        self.db = db
         self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
-        self._aliases: dict[tuple[str, str], tuple[int, float]] = {}
+        self._aliases: dict[tuple[str, str], _Resolution] = {}
+        self._last_moves: dict[str, tuple[int | None, float]] = {}  # model → (newest alias event id, read at)
+        model_registry.watch_alias_moves(self)
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], threading.Lock] = {}
         self._batchers: dict[tuple[str, int], MicroBatcher] = {}
@@ -43,12 +59,28 @@ class ModelServer:
         if version is not None:
             return version
         alias = alias or "production"
+        last_move = self._last_move(name)
         cached = self._aliases.get((name, alias))
-        if cached is not None and time.monotonic() - cached[1] < ALIAS_TTL_SECONDS:
-            return cached[0]
+        if cached is not None and cached.last_move == last_move \
+                and time.monotonic() - cached.at < ALIAS_RECHECK_SECONDS:
+            return cached.version
         resolved = model_registry.resolve(self.settings, name, alias=alias).version
-        self._aliases[(name, alias)] = (resolved, time.monotonic())
+        self._aliases[(name, alias)] = _Resolution(resolved, time.monotonic(), last_move)
         return resolved
+
+    def _last_move(self, name: str) -> int | None:
+        seen = self._last_moves.get(name)
+        now = time.monotonic()
+        if seen is None or now - seen[1] >= ALIAS_CHECK_SECONDS:
+            seen = (model_registry.last_alias_move(self.db, name), now)
+            self._last_moves[name] = seen
+        return seen[0]
+
+    def alias_moved(self, name: str) -> None:
+        """An alias of model `name` moved in this process: resolve it afresh on the next request."""
+        self._last_moves.pop(name, None)
+        for key in [key for key in list(self._aliases) if key[0] == name]:
+            self._aliases.pop(key, None)
 
     def model(self, name: str, version: int) -> LoadedModel:
         key = (name, version)
