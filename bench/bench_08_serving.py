@@ -1,11 +1,12 @@
 """Measure 8 — serving efficiency of the platform's prediction endpoint.
 
 (a) batch-1 p50 latency of `POST /api/v1/models/{name}/predict?alias=production` (one PNG, multipart, a real
-    admin token) against the real web app under gunicorn, vs a bare forward of the same model on the same
-    preprocessed batch-1 tensor in this process. Target: platform p50 ≤ bare p50 + 3 ms.
+    admin token) against the platform's prediction server as `trainyard serve` runs it, vs a bare forward of
+    the same model on the same preprocessed batch-1 tensor in this process, with the torch threads of one
+    serving process. Target: platform p50 ≤ bare p50 + 3 ms.
 (b) predictions/s with 16 concurrent clients (each sends batch-1 requests back to back over a kept-alive
-    connection), vs bare forwards at the batch size the server forms (its dynamic batching joins the requests
-    in flight in one process: at most one per gunicorn thread, so GUNICORN_THREADS), and side by side with `mlflow models serve`
+    connection), vs bare forwards on every core at the batch size the server forms (its dynamic batching joins
+    the requests in flight in one process: at most one per request thread, so SERVE_THREADS), and side by side with `mlflow models serve`
     (`--env-manager local`, same number of worker processes) on the same registered version, fed the same
     image already preprocessed as MLflow's JSON `inputs` (it has no image decoding of its own).
     Targets: ≥ 0.7 of bare, and ≥ 2× mlflow models serve. Bare forwards at batch 16 are also recorded:
@@ -15,9 +16,10 @@ Set-up, all torn down at the end: a PostgreSQL database `bench_<random>` (platfo
 database 10 (broker; the endpoint never touches it), a local MLflow store (SQLite + artifact folder) in a
 temp dir, a model built by the platform (`training_setup.build_model`), logged through the engine's own
 `training.log_model` (torch.export program + safetensors + recipe) and registered with
-`model_registry.register_version`, then promoted with `model_registry.promote`. The web app runs as `make up`
-runs it: `gunicorn --workers 2 --threads 4 'trainyard_web:create_app()'`, with the per-token prediction rate
-limit raised (the default 600/minute would turn the load test into 429s). Ports are found by binding port 0.
+`model_registry.register_version`, then promoted with `model_registry.promote`. The prediction server runs
+as deployed: `trainyard serve` with its defaults (gunicorn, 2 processes × 8 threads, torch threads = cores /
+processes, bearer tokens remembered 5 s), with the per-token prediction rate limit raised (the default
+600/minute would turn the load test into 429s). Ports are found by binding port 0.
 
 The model defaults to resnet18 on the built-in `digits` dataset (1×8×8, CIFAR-style stem): a real image
 network whose forward is a few milliseconds on a CPU. `--arch cnn` serves the README's small CNN, whose forward
@@ -61,7 +63,8 @@ REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
 REDIS_DB = 10
 MODEL = "bench-serving"
 CLIENTS = 16
-GUNICORN_WORKERS, GUNICORN_THREADS = 2, 4  # what `make up` runs (TRAINYARD_WEB_WORKERS default, launcher)
+SERVE_WORKERS, SERVE_THREADS = 2, 8  # `trainyard serve`'s defaults
+API_WORKERS, API_THREADS = 2, 4  # the API app as `make up` runs it (TRAINYARD_WEB_WORKERS default, launcher)
 
 
 def free_port() -> int:
@@ -207,12 +210,22 @@ class Platform:
             db.dispose()
 
     def serve(self) -> int:
+        """The prediction server as deployed: `trainyard serve` with its defaults; returns its port."""
         port = free_port()
-        log_path = self.tmp / "gunicorn.log"
+        log_path = self.tmp / f"serve-{port}.log"
         proc = self.stack.enter_context(process(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(GUNICORN_WORKERS),
-             "--threads", str(GUNICORN_THREADS), "trainyard_web:create_app()"],
-            child_env(self.settings), log_path))
+            [sys.executable, "-m", "trainyard", "serve", "--port", str(port), "--workers", str(SERVE_WORKERS),
+             "--threads", str(SERVE_THREADS)], child_env(self.settings), log_path))
+        wait_http(port, "/api/v1/health", proc, log_path)
+        return port
+
+    def api(self) -> int:
+        """The web app (UI + API) under gunicorn as `make up` runs it; returns its port."""
+        port = free_port()
+        log_path = self.tmp / f"api-{port}.log"
+        proc = self.stack.enter_context(process(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(API_WORKERS),
+             "--threads", str(API_THREADS), "trainyard_web:create_app()"], child_env(self.settings), log_path))
         wait_http(port, "/api/v1/health", proc, log_path)
         return port
 
@@ -323,10 +336,13 @@ def main() -> int:
         png = png_of(image)
         x1 = preprocess(loaded, [("x.png", png)])
         x16 = x1.repeat(CLIENTS, 1, 1, 1)
-        x_server = x1.repeat(GUNICORN_THREADS, 1, 1, 1)  # the largest batch one server process can form
+        x_server = x1.repeat(SERVE_THREADS, 1, 1, 1)  # the largest batch one server process can form
         module = loaded.module
+        all_threads = torch.get_num_threads()
+        process_threads = max(1, (os.cpu_count() or 1) // SERVE_WORKERS)  # what one serving process uses
 
-        def bare_forward(x):
+        def bare_forward(x, threads: int = all_threads):
+            torch.set_num_threads(threads)
             with torch.inference_mode():
                 return module(x)
 
@@ -341,7 +357,7 @@ def main() -> int:
 
         # ---- (a) batch-1 p50 latency
         latency = compare(MEASURE, "(a) batch-1 p50 latency", lambda: p50_ms_of(sequential.post, requests_per_rep),
-                          lambda: p50_ms_of(lambda: bare_forward(x1), requests_per_rep),
+                          lambda: p50_ms_of(lambda: bare_forward(x1, process_threads), requests_per_rep),
                           repeats=args.repeats, unit="ms", higher_is_better=False, warmup=1)
         sequential.close()
         latency.extra.update(overhead_ms=round(latency.difference, 3), model=f"{args.arch} digits 1x8x8",
@@ -353,7 +369,7 @@ def main() -> int:
         mlflow_proc = stack.enter_context(process(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}/{plat.versions[0]}",
              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(mlflow_port),
-             "--workers", str(GUNICORN_WORKERS)],
+             "--workers", str(SERVE_WORKERS)],
             # It runs `uvicorn` from PATH: the venv's bin folder goes first.
             {**child_env(plat.settings), "MLFLOW_TRACKING_URI": plat.settings.mlflow_tracking_uri,
              "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])},
@@ -381,7 +397,7 @@ def main() -> int:
             return run
 
         # ---- (b) 16 concurrent clients vs bare forwards at the batch the server forms
-        vs_bare = compare(MEASURE, f"(b) 16 clients vs bare batch-{GUNICORN_THREADS}", platform_load,
+        vs_bare = compare(MEASURE, f"(b) 16 clients vs bare batch-{SERVE_THREADS}", platform_load,
                           bare_load(x_server),
                           repeats=args.repeats, unit="predictions/s", higher_is_better=True, warmup=1)
         vs_mlflow = compare(MEASURE, "(b) 16 clients vs mlflow models serve", platform_load, mlflow_load,
@@ -394,16 +410,18 @@ def main() -> int:
 
         quick = "; --quick" if args.quick else ""
         report(latency, "≤ bare + 3 ms", latency.difference <= 3.0,
-               f"gunicorn {GUNICORN_WORKERS}x{GUNICORN_THREADS} threads, PostgreSQL, multipart PNG, top_k=5; "
+               f"trainyard serve {SERVE_WORKERS}x{SERVE_THREADS} threads, bare with {process_threads} torch "
+               f"thread(s) as one serving process, PostgreSQL, multipart PNG, top_k=5; "
                f"mlflow models serve p50 {mlflow_latency:.2f} ms (preprocessed JSON){quick}")
-        vs_bare.extra.update(server_batch_max=GUNICORN_THREADS, bare_batch16_per_s=round(batch16.platform_median, 1),
+        vs_bare.extra.update(server_batch_max=SERVE_THREADS, bare_batch16_per_s=round(batch16.platform_median, 1),
                              platform_vs_bare_batch16=round(vs_bare.platform_median / batch16.platform_median, 3))
         report(vs_bare, "≥ 0.7 of bare", vs_bare.ratio >= 0.7,
-               f"dynamic batching forms at most {GUNICORN_THREADS} per process (one per thread); vs bare at batch 16 "
+               f"dynamic batching forms at most {SERVE_THREADS} per process (one per thread); bare on all "
+               f"{all_threads} threads; vs bare at batch 16 "
                f"{vs_bare.extra['platform_vs_bare_batch16']:.3f}{quick}")
-        vs_mlflow.extra.update(mlflow_top1_agrees=same, mlflow_workers=GUNICORN_WORKERS)
+        vs_mlflow.extra.update(mlflow_top1_agrees=same, mlflow_workers=SERVE_WORKERS)
         report(vs_mlflow, "≥ 2× mlflow models serve", vs_mlflow.ratio >= 2.0,
-               f"mlflow models serve --env-manager local --workers {GUNICORN_WORKERS}, same version, "
+               f"mlflow models serve --env-manager local --workers {SERVE_WORKERS}, same version, "
                f"preprocessed JSON inputs{quick}")
     return 0
 

@@ -14,8 +14,10 @@ Baseline: in this process, `safetensors.torch.load_file` of the same weights fil
 `build_architecture` from the same recipe + `load_state_dict` + one batch-1 forward: what a bare service
 would do on a model switch.
 
-Same set-up as bench_08 (PostgreSQL `bench_<random>`, Redis db 11, MLflow store in a temp dir, gunicorn
-`--workers 2 --threads 4 'trainyard_web:create_app()'`), all torn down at the end.
+Same set-up as bench_08 (PostgreSQL `bench_<random>`, Redis db 11, MLflow store in a temp dir, `trainyard serve`
+answering the predictions), plus the API app (gunicorn `--workers 2 --threads 4 'trainyard_web:create_app()'`)
+taking the move, as in a deployment: the prediction processes learn of it from the alias events (checked at
+most every 0.1 s), not from the process that made it. All torn down at the end.
 
     .venv/bin/python bench/bench_09_promote.py [--quick] [--repeats N] [--arch resnet18]
 """
@@ -50,7 +52,8 @@ def main() -> int:
         print(f"{MEASURE}: setting up PostgreSQL, Redis db {REDIS_DB + 1}, MLflow store, "
               f"{warmup + args.repeats + 1} versions of {args.arch} on digits ...", flush=True)
         plat = Platform(stack, tmp, args.arch, versions=warmup + args.repeats + 1, redis_db=REDIS_DB + 1)
-        port = plat.serve()
+        port = plat.serve()  # predictions: `trainyard serve`
+        api_port = plat.api()  # the move: the API, another set of processes
 
         import mlflow.artifacts
         from safetensors.torch import load_file
@@ -79,7 +82,7 @@ def main() -> int:
 
         def promote_to_serve() -> float:
             version = next(fresh)
-            move = Endpoint(port, f"/api/v1/models/{MODEL}/aliases/production",
+            move = Endpoint(api_port, f"/api/v1/models/{MODEL}/aliases/production",
                             json.dumps({"version": version, "force": True}).encode(),
                             {**token, "Content-Type": "application/json"})
             for _ in range(4):  # traffic right before the move: the web processes' alias caches are fresh,

@@ -304,6 +304,32 @@ def test_an_alias_moved_in_mlflow_directly_is_picked_up(platform, monkeypatch):
     assert predict_files(client, files[:1], "?alias=outside").get_json()["version"] == strong
 
 
+def test_the_prediction_server_remembers_a_token_briefly_the_api_not_at_all(platform):
+    from trainyard import auth
+    from trainyard.db import Database
+    from trainyard_web import create_serving_app
+
+    settings, client, _ = platform
+    serving = create_serving_app(settings.model_copy(update={"serving_token_cache_seconds": 1.0})).test_client()
+    token = make_token(settings, "member", "tess")
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def predict_status() -> int:  # an unknown model: 404 once authenticated, 401 if not
+        return serving.post("/api/v1/models/no-such-model/predict", headers=headers, content_type="multipart/form-data",
+                            data={"images": (io.BytesIO(b"x"), "x.png")}).status_code
+
+    assert predict_status() == 404
+    db = Database(settings.database_url)
+    try:
+        auth.revoke_token(db, auth.authenticate(db, token).token_id, auth.authenticate(db, token))
+    finally:
+        db.dispose()
+    assert client.get("/api/v1/jobs", headers=headers).status_code == 401  # the API: at once
+    assert predict_status() == 404  # the prediction server: still remembered...
+    time.sleep(1.1)
+    assert predict_status() == 401  # ...for at most serving_token_cache_seconds
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

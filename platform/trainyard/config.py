@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")
     reconcile_seconds: float = Field(10.0, gt=0, description="how often lost jobs are looked for")
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (one per core)")
+    serving_token_cache_seconds: float = Field(
+        5.0, ge=0, description="the prediction server (`trainyard serve`) remembers a bearer token this long, "
+                               "so a revocation reaches it within as long; 0 looks every token up every time")
     jobs_per_process: int = Field(0, ge=0, description="jobs a worker's pool process runs before a fresh one "
                                                       "replaces it; 0 = 1 on a GPU worker, 100 on a CPU worker")
 

@@ -183,14 +183,23 @@ def download_uri(settings: Settings, name: str, version: int) -> str:
     return _client(settings).get_model_version_download_uri(name, str(version))
 
 
+EXTRA_FILES = "extra_files"
+
+
 def load_version(settings: Settings, name: str, version: int) -> LoadedModel:
     """Download a version's files and rebuild its model; refuses anything but Trainyard's safetensors recipe."""
     import mlflow.artifacts
 
     location = download_uri(settings, name, version)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                     tracking_uri=settings.mlflow_tracking_uri)
+        try:
+            # Only the weights and the recipe (MLflow keeps a logged model's extra files in extra_files/),
+            # not the torch.export program beside them, which is as large as the weights again.
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/{EXTRA_FILES}",
+                                                         dst_path=tmp, tracking_uri=settings.mlflow_tracking_uri)
+        except (MlflowException, OSError):  # not logged by Trainyard: load_model_files says why
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                         tracking_uri=settings.mlflow_tracking_uri)
         return load_model_files(Path(folder), name, version)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from apiflask import APIFlask
 
 from trainyard import __version__
@@ -47,10 +48,12 @@ def create_app(settings: Settings | None = None, *, serving_only: bool = False) 
     app.extensions[EXTENSION_KEY] = Platform(settings=settings, db=db, dispatch=CeleryDispatch(settings),
                                              models=ModelServer(settings, db))
     register_problem_handlers(app)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)  # `trainyard serve` sets one share of the cores per process
     limiter = security.install(app, body_limits={
         "serving.predict": MAX_REQUEST_BYTES,
         "api.upload_dataset": settings.max_upload_bytes,
-    })
+    }, token_cache_seconds=settings.serving_token_cache_seconds if serving_only else 0.0)
     security.document(app)
     app.register_blueprint(serving_api)
     if not serving_only:

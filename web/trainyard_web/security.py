@@ -7,10 +7,12 @@ UI's forms alone.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 from apiflask import APIFlask
+from cachetools import TTLCache
 from flask import g, request, session
 from flask.sessions import SecureCookieSessionInterface
 from flask_limiter import Limiter
@@ -54,9 +56,32 @@ class _SessionInterface(SecureCookieSessionInterface):
         return bool(app.config["SESSION_COOKIE_SECURE"] or request.is_secure)
 
 
-def install(app: APIFlask, body_limits: dict[str, int]) -> Limiter:
-    """Wire authentication, CSRF, body limits and rate limits into `app`; returns its rate limiter."""
+class PrincipalCache:
+    """Bearer token → principal for `seconds`, keyed by the token's hash (the secret is never kept): a revoked
+    or expired token keeps working here for at most that long. For the prediction server only, where a
+    database read per request is a large share of a prediction."""
+
+    def __init__(self, seconds: float, size: int = 4096) -> None:
+        self._cache: TTLCache = TTLCache(maxsize=size, ttl=seconds)
+        self._lock = threading.Lock()
+
+    def get(self, secret: str, lookup: Callable[[], Principal]) -> Principal:
+        key = auth.hash_token(secret)
+        with self._lock:
+            principal = self._cache.get(key)
+        if principal is None:
+            principal = lookup()  # raises for an unknown, revoked or expired token: nothing cached
+            with self._lock:
+                self._cache[key] = principal
+        return principal
+
+
+def install(app: APIFlask, body_limits: dict[str, int], *, token_cache_seconds: float = 0.0) -> Limiter:
+    """Wire authentication, CSRF, body limits and rate limits into `app`; returns its rate limiter.
+
+    `token_cache_seconds` > 0 remembers authenticated bearer tokens that long (see PrincipalCache)."""
     settings = platform_settings(app)
+    principals = PrincipalCache(token_cache_seconds) if token_cache_seconds > 0 else None
     app.secret_key = settings.secret_key.get_secret_value() if settings.secret_key else \
         auth.read_or_create_secret(settings.data_dir / "secret-key")
     app.session_interface = _SessionInterface()
@@ -81,7 +106,11 @@ def install(app: APIFlask, body_limits: dict[str, int]) -> Limiter:
         scheme, _, secret = header.partition(" ")
         if header and scheme.lower() != "bearer":
             raise Unauthorized("Use `Authorization: Bearer <token>`.")
-        g.principal = auth.authenticate(platform().db, secret.strip())
+        secret = secret.strip()
+        if principals is not None and secret:
+            g.principal = principals.get(secret, lambda: auth.authenticate(platform().db, secret))
+        else:
+            g.principal = auth.authenticate(platform().db, secret)
         g.principal.require(_required_role(app, request.endpoint), f"{request.method} {request.path}")
 
     # Every non-API request that changes something carries a CSRF token: fail closed for forms yet to come.
