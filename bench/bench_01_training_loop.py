@@ -128,7 +128,8 @@ def batches_for(architecture: str, batch_size: int, side: int, seconds: float) -
     from trainyard.ml.architectures import InputShape, build_architecture
 
     classes = 4 if architecture == "unet" else 10
-    model = build_architecture(architecture, InputShape(3, side, side, classes), {}).to(memory_format=torch.channels_last)
+    model = build_architecture(architecture, InputShape(3, side, side, classes), {})
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters())
     x = torch.randn(batch_size, 3, side, side).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch_size, side, side) if architecture == "unet" else (batch_size,))

@@ -12,9 +12,9 @@ on the same Redis; the clock starts just before `send_task`, and the task's firs
 Between jobs: a CPU worker keeps its pool process from job to job (a GPU worker replaces it after every
 job: see `trainyard_workers.app.jobs_per_process`); where it is replaced the script waits until the
 replacement is up (pool_replaced_after_end_s, 0 when kept), then both sides wait the same 0.5 s. So the
-figure is for a job meeting an idle, ready worker. One repetition = N jobs; its value is their p50 in ms. The p99 over all
-jobs of a side is reported alongside, with where the platform's time goes (post_ms: the POST's round trip;
-created_to_started_ms: row committed → claimed).
+figure is for a job meeting an idle, ready worker. One repetition = N jobs; its value is their p50 in ms.
+The p99 over all jobs of a side is reported alongside, with where the platform's time goes (post_ms: the
+POST's round trip; created_to_started_ms: row committed → claimed).
 """
 
 from __future__ import annotations

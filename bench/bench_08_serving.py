@@ -6,7 +6,8 @@
     serving process. Target: platform p50 ≤ bare p50 + 3 ms.
 (b) predictions/s with 16 concurrent clients (each sends batch-1 requests back to back over a kept-alive
     connection), vs bare forwards on every core at the batch size the server forms (its dynamic batching joins
-    the requests in flight in one process: at most one per request thread, so SERVE_THREADS), and side by side with `mlflow models serve`
+    the requests in flight in one process: at most one per request thread, so SERVE_THREADS), and side by
+    side with `mlflow models serve`
     (`--env-manager local`, same number of worker processes) on the same registered version, fed the same
     image already preprocessed as MLflow's JSON `inputs` (it has no image decoding of its own).
     Targets: ≥ 0.7 of bare, and ≥ 2× mlflow models serve. Bare forwards at batch 16 are also recorded:

@@ -16,7 +16,7 @@ from celery.signals import (after_setup_logger, after_setup_task_logger, worker_
 from trainyard.config import Settings
 from trainyard.logging_setup import structure_handlers
 from trainyard.queueing import RUN_JOB_TASK, celery_config
-from trainyard_workers import drain, engine
+from trainyard_workers import drain, engine, gpu_stats
 from trainyard_workers.presence import Presence
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,8 @@ def uses_gpus(settings: Settings) -> bool:
     """Whether this worker's jobs can see a GPU, read without initialising CUDA (the parent forks)."""
     from trainyard.gpus import discover_gpus
 
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return any(i.strip().isdigit() for i in visible.split(","))  # "" or "-1" hide every GPU
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # pinned (the pool does it), or "" / "-1": every GPU hidden
+        return bool(gpu_stats.pinned_devices())
     return bool(discover_gpus(settings.simulated_gpus))
 
 
@@ -107,8 +106,8 @@ def create_celery_app(settings: Settings) -> Celery:
 @worker_init.connect
 def _import_before_forking(**_) -> None:
     # A pool process is forked again and again (after every job on a GPU worker); importing MLflow's model
-    # code here, once, in the parent saves each of them seconds of imports. Imports only: MLflow starts no thread and
-    # opens no connection on import (checked), and CUDA is not touched, so forking stays safe.
+    # code here, once, in the parent saves each of them seconds of imports. Imports only: MLflow starts no
+    # thread and opens no connection on import (checked), and CUDA is not touched, so forking stays safe.
     import mlflow.models  # noqa: F401
     import mlflow.pytorch  # noqa: F401
     import mlflow.tracking  # noqa: F401

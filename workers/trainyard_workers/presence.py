@@ -23,7 +23,7 @@ def describe_device(simulated_gpus: str | None = None) -> tuple[str, int | None]
     initialised in a process that forks), or the CPU."""
     from trainyard.gpus import discover_gpus
 
-    visible = [int(i) for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip().isdigit()]
+    visible = gpu_stats.pinned_devices()
     if visible:
         found = {d.index: d for d in discover_gpus(simulated_gpus)}
         mine = [found[i] for i in visible if i in found]
