@@ -184,8 +184,9 @@ def test_bad_inputs_are_refused_with_the_file_named(platform):
     huge = Image.new("L", (5000, 5000))
     buffer = io.BytesIO()
     huge.save(buffer, "PNG")
-    too_many_pixels = predict_files(client, [buffer.getvalue()], "?version=1")
-    assert too_many_pixels.status_code == 422 and "pixels" in too_many_pixels.get_json()["detail"]
+    # Cut short: decoding it would fail as truncated, so "pixels" shows it was refused from its header.
+    too_many_pixels = predict_files(client, [buffer.getvalue()[: len(buffer.getvalue()) // 2]], "?version=1")
+    assert too_many_pixels.status_code == 422 and "5000×5000 pixels is more than" in too_many_pixels.get_json()["detail"]
     too_big = client.post(f"/api/v1/models/{MODEL}/predict?version=1", data=b"x" * (65 * 1024 * 1024),
                           content_type="application/octet-stream")
     assert too_big.status_code == 413 and too_big.content_type == "application/problem+json"

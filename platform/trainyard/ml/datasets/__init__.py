@@ -78,10 +78,7 @@ def decode_image_bytes(data: bytes, channels: int, size: tuple[int, int], max_pi
     from trainyard.ml.datasets import _files
 
     try:
-        (height, width), _mode = _files.probe_image(data)
-        if height * width > max_pixels:
-            raise UnreadableImage(f"{width}×{height} pixels is more than the {max_pixels:,} allowed")
-        image, _mode = _files.decode_image(data)
+        image, _mode = _files.decode_image(data, max_pixels)
     except _files.Unreadable as exc:
         raise UnreadableImage(str(exc)) from None
     return _files.finish_image(image, channels, size)

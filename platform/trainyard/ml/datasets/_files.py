@@ -166,15 +166,18 @@ def probe_image(source: bytes | Path) -> tuple[tuple[int, int], str]:
     return (height, width), mode
 
 
-def decode_image(source: bytes | Path):
+def decode_image(source: bytes | Path, max_pixels: int | None = None):
     """Decode a whole image into an 8-bit L / LA / RGB / RGBA Pillow image; returns (image, original mode).
 
+    With `max_pixels`, an image with more pixels is refused from its header, before anything is decoded.
     Raises Unreadable with the reason for anything that fails (truncated data, not an image, ...).
     """
     from PIL import Image, ImageOps
 
     try:
         img = open_image_file(source)
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise Unreadable(f"{img.width}×{img.height} pixels is more than the {max_pixels:,} allowed")
         try:
             img.seek(0)
         except EOFError:
