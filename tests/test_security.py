@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import stat
+import threading
+import time
 from datetime import timedelta
 
 import pytest
+from limits import parse
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
 from sqlalchemy import func, select, update
 
 from trainyard import auth
 from trainyard.db import Database
 from trainyard.models import ApiToken, Job, utcnow
-from trainyard_web import create_app
+from trainyard_web import create_app, security
 
 from conftest import authed_client, make_token, ui_login
 
@@ -205,6 +210,21 @@ def test_login_and_predict_are_rate_limited(tmp_path, web_settings):
     codes = [member.post("/api/v1/models/none/predict", json={"images": []}).status_code for _ in range(3)]
     assert codes[:2] != [429, 429] and codes[2] == 429
     assert member.get("/api/v1/jobs").status_code == 200  # the limit is on prediction, not the whole API
+    assert isinstance(next(iter(app.extensions["limiter"])).storage, security.SweptMemoryStorage)  # memory:// default
+
+
+def test_in_process_rate_limits_start_no_thread_per_hit_and_still_expire(monkeypatch):
+    storage = storage_from_string(security.rate_limit_storage_uri("memory://"))
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: (started.append(thread), real_start(thread))[1])
+    limiter, three_a_second = FixedWindowRateLimiter(storage), parse("3/second")
+    assert [limiter.hit(three_a_second, "caller") for _ in range(4)] == [True, True, True, False]
+    limiter.hit(parse("1/second"), "another caller")
+    time.sleep(1.1)
+    assert limiter.hit(three_a_second, "caller")  # a new window: the expired count was dropped when read
+    assert not [key for key in storage.storage if "another caller" in key]  # and the stale one swept
+    assert started == []  # limits' own MemoryStorage starts a timer thread on these hits
 
 
 def test_oversized_json_body_is_refused_and_stores_nothing(web_client, web_settings):

@@ -8,6 +8,7 @@ UI's forms alone.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -18,6 +19,7 @@ from flask.sessions import SecureCookieSessionInterface
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFProtect
+from limits.storage import MemoryStorage
 
 from trainyard import auth
 from trainyard.auth import Principal, Role
@@ -54,6 +56,33 @@ class _SessionInterface(SecureCookieSessionInterface):
 
     def get_cookie_secure(self, app) -> bool:
         return bool(app.config["SESSION_COOKIE_SECURE"] or request.is_secure)
+
+
+class SweptMemoryStorage(MemoryStorage):
+    """limits' in-process counters, without a thread started per rate-limited request.
+
+    limits' MemoryStorage drops expired counters from a 10 ms threading.Timer that it starts on a hit whenever
+    none is running: under load, a new thread (and a wait for it to take the GIL) on nearly every request,
+    measured at ~0.1 ms of CPU each. Expired counters are already ignored when read; this drops the rest
+    inline, at most once every SWEEP_SECONDS. `memory://` in TRAINYARD_RATE_LIMIT_STORAGE_URI means this.
+    """
+
+    STORAGE_SCHEME = ["trainyard-memory"]
+    SWEEP_SECONDS = 1.0
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: str) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        self._swept_at = time.monotonic()
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # replaces limits' private timer start
+        now = time.monotonic()
+        if now - self._swept_at >= self.SWEEP_SECONDS:
+            self._swept_at = now
+            self._MemoryStorage__expire_events()
+
+
+def rate_limit_storage_uri(configured: str) -> str:
+    return "trainyard-memory://" if configured.rstrip("/") in ("memory:", "memory://") else configured
 
 
 class PrincipalCache:
@@ -122,7 +151,7 @@ def install(app: APIFlask, body_limits: dict[str, int], *, token_cache_seconds: 
         if request.method not in ("GET", "HEAD", "OPTIONS") and not request.path.startswith("/api/"):
             csrf.protect()
 
-    limiter = Limiter(get_remote_address, app=app, storage_uri=settings.rate_limit_storage_uri,
+    limiter = Limiter(get_remote_address, app=app, storage_uri=rate_limit_storage_uri(settings.rate_limit_storage_uri),
                       headers_enabled=True, key_prefix="trainyard")
     return limiter
 
