@@ -18,7 +18,7 @@ database 10 (broker; the endpoint never touches it), a local MLflow store (SQLit
 temp dir, a model built by the platform (`training_setup.build_model`), logged through the engine's own
 `training.log_model` (torch.export program + safetensors + recipe) and registered with
 `model_registry.register_version`, then promoted with `model_registry.promote`. The prediction server runs
-as deployed: `trainyard serve` with its defaults (gunicorn, 2 processes × 8 threads, torch threads = cores /
+as deployed: `trainyard serve` with its defaults (gunicorn, 2 processes × 16 threads, torch threads = cores /
 processes, bearer tokens remembered 5 s), with the per-token prediction rate limit raised (the default
 600/minute would turn the load test into 429s). Ports are found by binding port 0.
 
@@ -64,7 +64,7 @@ REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
 REDIS_DB = 10
 MODEL = "bench-serving"
 CLIENTS = 16
-SERVE_WORKERS, SERVE_THREADS = 2, 8  # `trainyard serve`'s defaults
+SERVE_WORKERS, SERVE_THREADS = 2, 16  # `trainyard serve`'s defaults
 API_WORKERS, API_THREADS = 2, 4  # the API app as `make up` runs it (TRAINYARD_WEB_WORKERS default, launcher)
 
 
@@ -337,7 +337,7 @@ def main() -> int:
         png = png_of(image)
         x1 = preprocess(loaded, [("x.png", png)])
         x16 = x1.repeat(CLIENTS, 1, 1, 1)
-        x_server = x1.repeat(SERVE_THREADS, 1, 1, 1)  # the largest batch one server process can form
+        x_server = x1.repeat(min(SERVE_THREADS, CLIENTS), 1, 1, 1)  # the largest batch one process can form
         module = loaded.module
         all_threads = torch.get_num_threads()
         process_threads = max(1, (os.cpu_count() or 1) // SERVE_WORKERS)  # what one serving process uses

@@ -73,3 +73,46 @@ def test_a_failing_forward_fails_each_waiting_request_and_the_batcher_carries_on
         batcher.submit(torch.tensor([[-1.0]]))
     assert torch.equal(batcher.submit(torch.tensor([[1.0]])), torch.tensor([[2.0]]))
     batcher.close()
+
+
+class Arrivals:
+    """The count a server reports of requests accepted and not yet queued (decoding their images)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __call__(self) -> int:
+        return self.count
+
+
+def test_a_forward_waits_for_requests_already_on_their_way():
+    sizes: list[int] = []
+    arrivals = Arrivals(2)
+    batcher = MicroBatcher(lambda x: sizes.append(len(x)) or x, arriving=arrivals, max_wait=5.0)
+    first = batcher.enqueue(torch.zeros(1, 2))
+    arrivals.count = 1
+    time.sleep(0.05)  # the second is still decoding: without the wait, the first would run alone
+    second = batcher.enqueue(torch.ones(1, 2))
+    arrivals.count = 0
+    assert torch.equal(first.result(timeout=10), torch.zeros(1, 2))
+    assert torch.equal(second.result(timeout=10), torch.ones(1, 2))
+    assert sizes == [2]
+    batcher.close()
+
+
+def test_a_lone_request_does_not_wait_and_a_straggler_is_waited_for_at_most_max_wait():
+    sizes: list[int] = []
+    arrivals = Arrivals(0)
+    batcher = MicroBatcher(lambda x: sizes.append(len(x)) or x, arriving=arrivals, max_wait=30.0)
+    started = time.monotonic()
+    batcher.submit(torch.zeros(1, 2))
+    assert time.monotonic() - started < 15, "a lone request waited for max_wait"
+    batcher.close()
+
+    arrivals.count = 1  # reported, but it never comes (its image failed to decode, say)
+    batcher = MicroBatcher(lambda x: sizes.append(len(x)) or x, arriving=arrivals, max_wait=0.3)
+    started = time.monotonic()
+    batcher.submit(torch.zeros(1, 2))
+    assert 0.3 <= time.monotonic() - started < 15
+    assert sizes == [1, 1]
+    batcher.close()

@@ -119,8 +119,8 @@ def worker(
 def serve(
     port: int = typer.Option(8001, envvar="TRAINYARD_SERVE_PORT", help="Port of the prediction server."),
     workers: int = typer.Option(2, help="gunicorn processes."),
-    threads: int = typer.Option(8, help="Request threads per process: concurrent requests for one model are "
-                                        "batched into one forward, so more threads make larger batches."),
+    threads: int = typer.Option(16, help="Request threads per process: concurrent requests for one model are "
+                                         "batched into one forward, so more threads make larger batches."),
 ) -> None:
     """Run the prediction endpoint on its own, so inference scales apart from the API."""
     settings = Settings()

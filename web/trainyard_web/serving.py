@@ -11,6 +11,7 @@ import io
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import torch
@@ -32,6 +33,7 @@ ALIAS_CHECK_SECONDS = 0.1
 ALIAS_RECHECK_SECONDS = 30.0
 MAX_LOADED_MODELS = 4
 MAX_SERVING_BATCH = 64  # images per forward when concurrent requests are batched together
+MAX_BATCH_WAIT_SECONDS = 0.005  # how long a forward may wait for requests already decoding their images
 
 
 class _Resolution(NamedTuple):
@@ -52,8 +54,11 @@ class ModelServer:
         self._last_moves: dict[str, tuple[int | None, float]] = {}  # model → (newest alias event id, read at)
         model_registry.watch_alias_moves(self)
         self._lock = threading.Lock()
+        self._checking = threading.Lock()  # one alias-event read at a time
         self._loading: dict[tuple[str, int], threading.Lock] = {}
         self._batchers: dict[tuple[str, int], MicroBatcher] = {}
+        self._arriving = 0  # predictions accepted and not yet queued for a forward (decoding their images)
+        self._arriving_lock = threading.Lock()
 
     def resolve(self, name: str, alias: str | None, version: int | None) -> int:
         if version is not None:
@@ -70,11 +75,22 @@ class ModelServer:
 
     def _last_move(self, name: str) -> int | None:
         seen = self._last_moves.get(name)
-        now = time.monotonic()
-        if seen is None or now - seen[1] >= ALIAS_CHECK_SECONDS:
-            seen = (model_registry.last_alias_move(self.db, name), now)
-            self._last_moves[name] = seen
-        return seen[0]
+        if seen is not None and time.monotonic() - seen[1] < ALIAS_CHECK_SECONDS:
+            return seen[0]
+        # One thread reads; under load the others answer from the value it is replacing rather than all
+        # queueing on the database at the same moment (and opening overflow connections to do it).
+        if seen is not None and not self._checking.acquire(blocking=False):
+            return seen[0]
+        if seen is None:
+            self._checking.acquire()
+        try:
+            seen = self._last_moves.get(name)
+            if seen is None or time.monotonic() - seen[1] >= ALIAS_CHECK_SECONDS:
+                seen = (model_registry.last_alias_move(self.db, name), time.monotonic())
+                self._last_moves[name] = seen
+            return seen[0]
+        finally:
+            self._checking.release()
 
     def alias_moved(self, name: str) -> None:
         """An alias of model `name` moved in this process: resolve it afresh on the next request."""
@@ -101,20 +117,30 @@ class ModelServer:
             with self._lock:
                 self._models[key] = loaded
                 self._batchers[key] = MicroBatcher(loaded.module, max_batch=MAX_SERVING_BATCH,
-                                                   name=f"serve-{name}-v{version}")
+                                                   name=f"serve-{name}-v{version}", arriving=self._arrivals,
+                                                   max_wait=MAX_BATCH_WAIT_SECONDS)
                 while len(self._models) > MAX_LOADED_MODELS:
                     evicted, _ = self._models.popitem(last=False)
                     self._batchers.pop(evicted).close()
             return loaded
 
-    def forward(self, model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-        """The model's logits for `batch`, computed together with other requests' images waiting meanwhile."""
+    def _arrivals(self) -> int:
+        return self._arriving
+
+    def _arrived(self, count: int) -> None:
+        with self._arriving_lock:
+            self._arriving += count
+
+    def _queue_forward(self, model: LoadedModel, batch: torch.Tensor) -> Future:
+        """Queue `batch` for its model's next forward, together with other requests' images waiting meanwhile."""
         with self._lock:
             batcher = self._batchers.get((model.name, model.version))
-        if batcher is None:  # evicted between load and use: run alone
-            with model.lock, torch.inference_mode():
-                return model.module(batch)
-        return batcher.submit(batch)
+        if batcher is not None:
+            return batcher.enqueue(batch)
+        alone: Future = Future()  # evicted between load and use: run alone
+        with model.lock, torch.inference_mode():
+            alone.set_result(model.module(batch))
+        return alone
 
     def predict(self, name: str, files: list[tuple[str, bytes]], *, alias: str | None = None,
                 version: int | None = None, top_k: int = 5) -> dict[str, Any]:
@@ -122,13 +148,19 @@ class ModelServer:
             raise InvalidSpec("Send at least one image (multipart files, or JSON {\"images\": [base64, ...]}).")
         if len(files) > MAX_IMAGES:
             raise InvalidSpec(f"{len(files)} images in one request; at most {MAX_IMAGES}.")
-        resolved = self.resolve(name, alias, version)
-        model = self.model(name, resolved)
+        self._arrived(1)
         try:
-            batch = preprocess(model, files)
-        except UnreadableImage as exc:
-            raise InvalidSpec(f"{exc}.", errors=[{"field": getattr(exc, "file", "images"), "message": str(exc)}]) from None
-        logits = self.forward(model, batch).float()
+            resolved = self.resolve(name, alias, version)
+            model = self.model(name, resolved)
+            try:
+                batch = preprocess(model, files)
+            except UnreadableImage as exc:
+                raise InvalidSpec(f"{exc}.", errors=[{"field": getattr(exc, "file", "images"),
+                                                      "message": str(exc)}]) from None
+            pending = self._queue_forward(model, batch)  # queued before it stops counting as on its way
+        finally:
+            self._arrived(-1)
+        logits = pending.result().float()
         if model.task == "classification":
             predictions = classification_output(logits, model.classes, top_k)
         else:
