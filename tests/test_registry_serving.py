@@ -290,6 +290,25 @@ def test_another_serving_process_sees_a_move_through_the_alias_events(platform):
         db.dispose()
 
 
+def test_a_lone_prediction_never_waits_to_be_batched(platform, monkeypatch):
+    from trainyard.db import Database
+    from trainyard_web import serving
+
+    settings, _, _ = platform
+    monkeypatch.setattr(serving, "MAX_BATCH_WAIT_SECONDS", 30.0)  # a wait would be plain to see
+    files, _ = digit_pngs()
+    db = Database(settings.database_url)
+    try:
+        server = serving.ModelServer(settings, db)
+        started = time.monotonic()
+        for image in files[:20]:
+            assert server.predict(MODEL, [("digit.png", image)], version=1)["predictions"][0]["top"]
+        # A forward that counted the request it serves as still on its way would wait 30 s for it.
+        assert time.monotonic() - started < 25
+    finally:
+        db.dispose()
+
+
 def test_an_alias_moved_in_mlflow_directly_is_picked_up(platform, monkeypatch):
     from trainyard_web import serving
 

@@ -157,10 +157,11 @@ class ModelServer:
             except UnreadableImage as exc:
                 raise InvalidSpec(f"{exc}.", errors=[{"field": getattr(exc, "file", "images"),
                                                       "message": str(exc)}]) from None
-            pending = self._queue_forward(model, batch)  # queued before it stops counting as on its way
         finally:
+            # Counted out just before it is queued, never after: a forward that saw this request's own
+            # count would wait for it in vain.
             self._arrived(-1)
-        logits = pending.result().float()
+        logits = self._queue_forward(model, batch).result().float()
         if model.task == "classification":
             predictions = classification_output(logits, model.classes, top_k)
         else:
