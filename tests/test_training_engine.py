@@ -49,8 +49,10 @@ def test_cnn_and_resnet18_on_digits_and_unet_on_shapes(platform):
     # Queue all three; the single worker runs them one after another.
     cnn = submit(client, dataset="digits", architecture="cnn",
                  params={"epochs": 12, "lr": 0.003, "scheduler": "cosine"})
+    # Seeded, yet CPUs differ in their kernels' rounding: 10 epochs at batch 64 reached test accuracy 0.964 on an
+    # Intel Xeon (0.97+ on AMD EPYC). 15 epochs at batch 32 reached 0.986 there, a margin rather than a coin toss.
     resnet = submit(client, dataset="digits", architecture="resnet18",
-                    params={"epochs": 10, "lr": 0.002, "batch_size": 64, "scheduler": "onecycle",
+                    params={"epochs": 15, "lr": 0.002, "batch_size": 32, "scheduler": "onecycle",
                             "weight_decay": 0.0005, "optimizer": "adamw"})
     unet = submit(client, dataset="shapes", architecture="unet", architecture_options={"depth": 3, "base_width": 16},
                   params={"epochs": 12, "lr": 0.003, "batch_size": 16, "scheduler": "onecycle",
