@@ -21,7 +21,7 @@ from conftest import WorkerProcess, authed_client, make_settings, wait_until
 
 pytestmark = pytest.mark.slow
 
-JOBS = 20
+JOBS = 40  # enough work to outlast three kills and restarts now that a CPU worker keeps its pool process
 EPOCHS = 2  # two, so that a resumed job has a checkpoint to resume from and epochs it must not log twice
 BATCH_SIZE = 256  # a few steps an epoch: what is soaked is the platform around the jobs, not training
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -40,7 +40,7 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         try:
-            while self.kills < self.max_kills and not self.stopped.wait(self.rng.uniform(3, 8)):
+            while self.kills < self.max_kills and not self.stopped.wait(self.rng.uniform(2, 5)):
                 index = self.rng.randrange(len(self.workers))
                 self.workers[index].kill()
                 self.kills += 1
