@@ -289,6 +289,20 @@ def submit_digits_job(client, epochs: int, batch_size: int) -> int:
 # ---- outages: a Redis server of the test's own, waiting on conditions --------------------------------
 
 
+def processes_running(module: str, parent: int | None = None, recursive: bool = False) -> list:
+    """Children (or all descendants) of `parent` (default: this process) running `python -m module`."""
+    import psutil
+
+    found = []
+    for process in psutil.Process(parent).children(recursive=recursive):
+        try:
+            if module in process.cmdline():
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
     """Poll `predicate` until it returns something truthy, and return that; fail with `what` on timeout."""
     deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ from trainyard.db import upgrade_schema
 from trainyard.ml.datasets import FORMATS
 from trainyard.model_registry import load_version
 from trainyard_web import create_app
-from conftest import authed_client, make_settings, wait_for_job
+from conftest import authed_client, make_settings, processes_running, wait_for_job
 
 pytestmark = pytest.mark.slow
 ENDED = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -49,14 +49,7 @@ def submit(client, gpus: int, **params) -> int:
 
 def rank_processes(worker) -> list[psutil.Process]:
     """The worker's DDP ranks 1..N-1: descendants running `python -m trainyard_workers.distributed`."""
-    found = []
-    for process in psutil.Process(worker.process.pid).children(recursive=True):
-        try:
-            if RANK_MODULE in process.cmdline():
-                found.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    return processes_running(RANK_MODULE, worker.process.pid, recursive=True)
 
 
 def job_log(client, job_id: int) -> list[str]:

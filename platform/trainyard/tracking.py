@@ -19,6 +19,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from trainyard.config import Settings
+from trainyard.metric_writer import MetricWriterProcess, WriterUnavailable, shared_writer
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +152,28 @@ class JobRun:
 
 
 class MetricBuffer:
-    """Collects metrics from the training loop and writes them from a background thread, so a slow store
-    never stalls training; values may be device tensors, turned into floats only when written.
+    """Collects metrics from the training loop and writes them in the background, so a slow store never
+    stalls training; values may be device tensors, turned into floats only when written.
 
     Nothing is written until `commit()`, which the engine calls right after an epoch's checkpoint: an epoch
     cut short by a lost worker is never logged, and its resumed attempt logs every step exactly once.
+    A thread hands committed points to this process's metric writer process (see `trainyard.metric_writer`:
+    the store's own work never shares the GIL with the loop), at most once per `min_interval` seconds;
+    commits that arrive meanwhile (short epochs) ride along in the next write. Where the writer process is
+    unavailable the thread writes through MLflow's client itself.
     """
 
-    def __init__(self, run: JobRun, max_batch: int = 1000) -> None:
+    def __init__(self, run: JobRun, max_batch: int = 1000, min_interval: float = 1.0,
+                 writer: MetricWriterProcess | None = None) -> None:
         self._run = run
         self._max_batch = max_batch  # MLflow's log_batch limit
+        self._min_interval = min_interval
+        self._writer = writer or shared_writer()
+        self._writer.start()  # ready by the first commit: a worker lost before its first write loses less
         self._pending: list[tuple[str, Any, int, int]] = []
         self._committed: queue.Queue[list[tuple[str, Any, int, int]] | None] = queue.Queue()
+        self._closing = threading.Event()
+        self.writes = 0  # writes handed to the store, for tests and the benchmark's report
         self._thread = threading.Thread(target=self._write_forever, name="metric-writer", daemon=True)
         self._thread.start()
 
@@ -179,17 +190,40 @@ class MetricBuffer:
             self._committed.put(pending)
 
     def _write_forever(self) -> None:
-        while (batch := self._committed.get()) is not None:
+        last_write: float | None = None
+        closed = False
+        while not closed and (points := self._committed.get()) is not None:
+            if last_write is not None and not self._closing.is_set():
+                self._closing.wait(max(0.0, last_write + self._min_interval - time.monotonic()))
+            while True:  # everything committed while we waited goes out in the same write
+                try:
+                    more = self._committed.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closed = True
+                    break
+                points.extend(more)
+            last_write = time.monotonic()
+            self._write(points)
+
+    def _write(self, points: list[tuple[str, Any, int, int]]) -> None:
+        values = [(k, float(v), step, ts) for k, v, step, ts in points]
+        try:
             try:
-                for start in range(0, len(batch), self._max_batch):
-                    chunk = batch[start:start + self._max_batch]
-                    self._run.client.log_batch(
-                        self._run.run_id, metrics=[Metric(k, float(v), ts, step) for k, v, step, ts in chunk])
-            except Exception:  # a store hiccup loses these points, never the job
-                log.exception("could not write %d metrics to run %s", len(batch), self._run.run_id)
+                self._writer.write(self._run.settings.mlflow_tracking_uri, self._run.run_id, values)
+            except WriterUnavailable as exc:
+                log.warning("%s; writing %d metrics from the training process", exc, len(values))
+                for start in range(0, len(values), self._max_batch):
+                    self._run.client.log_batch(self._run.run_id, metrics=[
+                        Metric(k, v, ts, step) for k, v, step, ts in values[start:start + self._max_batch]])
+            self.writes += 1
+        except Exception:  # a store hiccup loses these points, never the job
+            log.exception("could not write %d metrics to run %s", len(values), self._run.run_id)
 
     def close(self) -> None:
-        """Write what was committed (uncommitted points are dropped) and stop the writer."""
+        """Write what was committed (uncommitted points are dropped) at once, and stop the writer."""
+        self._closing.set()
         self._committed.put(None)
         self._thread.join(timeout=60)
 
