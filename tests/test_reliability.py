@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from trainyard import jobs
 from trainyard.db import Database, upgrade_schema
 from trainyard_web import create_app
+from trainyard_workers.checkpoints import load_checkpoint
 from conftest import WorkerProcess, authed_client, make_settings, wait_for_job, wait_until
 
 pytestmark = pytest.mark.slow
@@ -159,6 +160,10 @@ def test_a_torn_checkpoint_falls_back_to_the_one_before(platform):
     newest = Path(jobs.get_job(db, job_id).checkpoint_path)  # not in the API: where files live is the platform's
     db.dispose()
     assert (newest.parent / "attempt-1-epoch-1.pt").exists()  # the one before is kept for this
+    # Each checkpoint carries every epoch's metrics so far: a resume re-logs any that never reached MLflow.
+    history = load_checkpoint(newest)["epoch_history"]
+    assert sorted(history) == [1, 2] and history[1]["train_loss"] == pytest.approx(
+        tracking.get_metric_history(run_id, "train_loss")[0].value)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn: half of it reached the disk
 
     second = start("worker-b")

@@ -18,6 +18,7 @@ from torch import nn
 from trainyard import jobs
 from trainyard.datasets import DatasetView, get_dataset
 from trainyard.jobs import JobView
+from trainyard.metric_writer import shared_writer
 from trainyard.ml.datasets import ImageSplits
 from trainyard.ml.metrics import confusion_matrix_png, segmentation_overlay_png
 from trainyard.ml.servable import METADATA_FILE, WEIGHTS_FILE
@@ -128,6 +129,7 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
           devices: SingleDevice | Rank0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rank 0's (or the only process's) training: the epochs, checkpoints, metrics and the logged model."""
     params: TrainParams = spec.params
+    shared_writer().start()  # imports MLflow while the data decode and the model build run
     data = job_data(dataset, spec, devices.augmentation_generator, None, devices.device)
     splits, device = data.splits, data.device
     run.log_dataset(name=data.dataset.name, fingerprint=data.dataset.fingerprint, source=data.dataset.path or "builtin",
@@ -163,12 +165,17 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
         if "stopped_early_at_epoch" in summary:
             start_epoch = params.epochs + 1  # the lost attempt had already decided to stop
         progress = {"epoch": resumed["epoch"], "epochs": params.epochs, "batch": 0, "batches": len(train_batches)}
-        if resumed["epoch"] not in logged_epochs:
-            # The lost attempt checkpointed this epoch but died before its metrics were written.
-            for key, value in resumed["metrics"].items():
-                step_metrics.add(key, value, resumed["epoch"])
+        epoch_history = checkpointed_epoch_metrics(resumed)
+        missing = sorted(set(epoch_history) - logged_epochs)
+        if missing:
+            # The lost attempt checkpointed these epochs but died before their metrics reached the store.
+            for logged_epoch in missing:
+                for key, value in epoch_history[logged_epoch].items():
+                    step_metrics.add(key, value, logged_epoch)
             step_metrics.commit()
-            logged_epochs.add(resumed["epoch"])
+            logged_epochs.update(missing)
+    else:
+        epoch_history = {}
     try:
         devices.start()
         trained = training_module(devices.wrap(model), params)
@@ -209,10 +216,12 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
             # Checkpoint first, metrics second: a resumed attempt never logs an epoch twice. A new file per
             # epoch: the one the job row names is never overwritten, even by an attempt fenced off meanwhile.
             checkpoint_path = checkpoint_dir / f"attempt-{job.attempt}-epoch-{epoch}.pt"
+            epoch_history[epoch] = epoch_metrics
             sha = save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "epoch": epoch, "rng": rng_state(devices.data_generator), "spec": job.spec, "metrics": epoch_metrics,
+                "epoch_history": epoch_history,
                 "summary": summary, "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
                 "best": {"value": best["value"], "epoch": best["epoch"]}, "best_model": best["state"],
             }, checkpoint_path)
@@ -268,6 +277,12 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
     if spec.register:
         register_model(ctx, job, spec, run, model_uri, summary, data)
     return summary, progress
+
+
+def checkpointed_epoch_metrics(state: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """Every epoch's metrics up to the checkpoint's epoch (a checkpoint from before `epoch_history` was kept
+    holds its own epoch's only)."""
+    return dict(state.get("epoch_history") or {state["epoch"]: state["metrics"]})
 
 
 def resume_state(ctx, job: JobView) -> ResumePoint | None:
