@@ -7,10 +7,12 @@ threads, with freshly built parts each repetition (build time not counted).
 
 Platform: what training.train() does around the loop — a real MLflow run in a local SQLite store (the
 embedded default), a MetricBuffer fed `train_step_loss` every batch (a device tensor, turned into a float
-only by the writer thread), the lease's progress dict set and a should-stop check every batch, epoch
-metrics added and `commit()` after each epoch, the system-metrics monitor running. The timed region is the
-epochs (steady state: each epoch's metrics are written by the writer thread while the next epoch trains);
-the final `close()`, which waits for the last epoch's write once per job, is reported apart
+only by the buffer's thread), the lease's progress dict set and a should-stop check every batch, epoch
+metrics added and `commit()` after each epoch, the system-metrics monitor running. Committed points go to
+MLflow at most once a second through the process's metric writer process (`trainyard.metric_writer`,
+started in the warm-up repetition and kept, as a worker's pool process keeps it from job to job);
+writes_per_rep counts them. The timed region is the epochs (steady state: each write happens while later
+epochs train); the final `close()`, which waits for the last write once per job, is reported apart
 (median_final_flush_s). Every step metric is checked to have reached MLflow.
 
 Baseline: the same loop with on_batch/should_stop left at their no-op defaults and no MLflow at all.
@@ -64,6 +66,7 @@ def main() -> int:
         images_per_rep = epochs * len(train_split)
         job_counter = iter(range(1, 10_000))
         close_seconds: list[float] = []
+        writes: list[int] = []
 
         def parts():
             torch.manual_seed(0)
@@ -111,6 +114,7 @@ def main() -> int:
                 buffer.close()
                 monitor.finish()
                 close_seconds.append(time.perf_counter() - t_close)
+                writes.append(buffer.writes)
             run.end("FINISHED")
             logged = len(run.client.get_metric_history(run.run_id, "train_step_loss"))
             if logged != epochs * n_batches:
@@ -121,7 +125,8 @@ def main() -> int:
                                  platform_once, baseline_once, repeats=args.repeats, unit="images/s",
                                  higher_is_better=True, warmup=1)
         result.extra.update(epochs_per_rep=epochs, torch_threads=torch.get_num_threads(), batches_per_rep=epochs * len(parts().train_batches),
-                            median_final_flush_s=round(statistics.median(close_seconds), 3))
+                            median_final_flush_s=round(statistics.median(close_seconds), 3),
+                            writes_per_rep=statistics.median(writes))
         met = result.ratio >= 0.99
         overlap = result.platform_max >= result.baseline_min and result.baseline_max >= result.platform_min
         note = "" if met else (f"{100 * (1 - result.ratio):.1f}% fewer images/s"
