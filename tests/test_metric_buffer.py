@@ -48,6 +48,7 @@ def test_committed_points_reach_mlflow_from_the_writer_process_and_uncommitted_o
         wait_until(lambda: history(run, "train_step_loss"), 30, "the committed points were written")
         children = writer_children()
         assert len(children) == 1 and children[0].is_running()  # written by a process of its own
+        assert children[0].nice() == min(psutil.Process().nice() + 10, 19)  # that yields the cores to training
         buffer.close()
         assert history(run, "train_step_loss") == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
         assert math.isnan(history(run, "val_loss")[0][1])
