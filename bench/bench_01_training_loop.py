@@ -25,9 +25,13 @@ dtype/autocast, optimizer, batch size and thread count, and no logging.
 Classification rows use random uint8 3×32×32 images of 10 classes (the CIFAR-style stems); the unet row uses
 the built-in `shapes` segmentation dataset (3×64×64 full, 3×32×32 quick, 4 classes). An epoch is sized by
 time, not by count: after a warm-up, two bare batches are timed and the epoch gets as many batches as fit
-in EPOCH_SECONDS (8 s full, 2.5 s quick; at least 3). A real job's epoch is far longer still; an epoch of
+in EPOCH_SECONDS (4 s full, 2.5 s quick; at least 3). A real job's epoch is far longer still; an epoch of
 2 batches would weigh the once-per-epoch work (the metric commit, a heartbeat) tens of times more than any
-job does. `--quick` keeps every architecture row, with batch 16 and 7 repetitions.
+job does. Many short pairs rather than a few long ones: this machine's speed drifts by ±5 % from one 8 s
+epoch to the next (vgg11's bare loop read 33.9 to 36.8 images/s in one run), and a pair measured back to
+back cancels more of that drift the closer its two halves are; 11 pairs (9 in `--quick`) make the median
+pair a steadier judge of a row within a few percent of its target. `--quick` keeps every architecture row,
+with batch 16.
 
     .venv/bin/python bench/bench_01_training_loop.py [--quick] [--repeats N] [--arch resnet18 ...]
 """
@@ -60,7 +64,7 @@ FULL = {"cnn": (32, 32), "alexnet": (32, 32), "vgg11": (32, 32), "resnet18": (32
         "unet": (32, 64)}
 QUICK = {"cnn": (16, 32), "alexnet": (16, 32), "vgg11": (16, 32), "resnet18": (16, 32), "resnet50": (16, 32),
          "unet": (16, 32)}
-EPOCH_SECONDS = {False: 8.0, True: 2.5}  # one repetition's length, full / quick
+EPOCH_SECONDS = {False: 4.0, True: 2.5}  # one repetition's length, full / quick
 MIN_BATCHES, MAX_BATCHES = 3, 200
 
 
@@ -231,7 +235,7 @@ def bench_architecture(plat: Platform, architecture: str, quick: bool, repeats: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="*", default=None, help=f"subset of {', '.join(ARCHITECTURES)}")
-    args = parse_args(parser=parser, quick_repeats=7)
+    args = parse_args(parser=parser, default_repeats=11, quick_repeats=9)
     archs = args.arch or ARCHITECTURES
     unknown = set(archs) - set(ARCHITECTURES)
     if unknown:

@@ -240,6 +240,18 @@ def _fmt(value) -> str:
 
 
 def _append(entry: dict) -> None:
+    _update_results(lambda data: data["results"].append(entry))
+
+
+def record_machine() -> dict:
+    """Describe the machine now (run_all calls it before its first script: the load average at the start of
+    a suite) as the machine of today's results; returns the description."""
+    machine = machine_description()
+    _update_results(lambda data: data.update(machine=machine))
+    return machine
+
+
+def _update_results(change: Callable[[dict], object]) -> None:
     path = results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     # Several scripts may append at once (run_all runs them one by one, but people run them by hand too).
@@ -248,7 +260,7 @@ def _append(entry: dict) -> None:
         handle.seek(0)
         text = handle.read()
         data = json.loads(text) if text.strip() else {"machine": machine_description(), "results": []}
-        data["results"].append(entry)
+        change(data)
         handle.seek(0)
         handle.truncate()
         json.dump(data, handle, indent=2, default=str)

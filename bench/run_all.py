@@ -178,6 +178,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="only rewrite BENCHMARKS.md from today's JSON")
     args = parser.parse_args()
     args.timeout = args.timeout or (420 if args.quick else 1800)
+    if not args.report_only:
+        harness.record_machine()  # not whichever script first wrote today's file, maybe hours earlier
     outcomes = {} if args.report_only else run_scripts(args)
     day = dt.date.today()
     path = harness.results_path(day)
