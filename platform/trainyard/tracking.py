@@ -19,7 +19,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from trainyard.config import Settings
-from trainyard.metric_writer import MetricWriterProcess, WriterUnavailable, shared_writer
+from trainyard.metric_writer import MetricWriterProcess, WriterUnavailable, log_points, shared_writer
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,8 @@ class MetricBuffer:
     unavailable the thread writes through MLflow's client itself.
     """
 
-    def __init__(self, run: JobRun, max_batch: int = 1000, min_interval: float = 1.0,
-                 writer: MetricWriterProcess | None = None) -> None:
+    def __init__(self, run: JobRun, min_interval: float = 1.0, writer: MetricWriterProcess | None = None) -> None:
         self._run = run
-        self._max_batch = max_batch  # MLflow's log_batch limit
         self._min_interval = min_interval
         self._writer = writer or shared_writer()
         self._writer.start()  # ready by the first commit: a worker lost before its first write loses less
@@ -214,9 +212,7 @@ class MetricBuffer:
                 self._writer.write(self._run.settings.mlflow_tracking_uri, self._run.run_id, values)
             except WriterUnavailable as exc:
                 log.warning("%s; writing %d metrics from the training process", exc, len(values))
-                for start in range(0, len(values), self._max_batch):
-                    self._run.client.log_batch(self._run.run_id, metrics=[
-                        Metric(k, v, ts, step) for k, v, step, ts in values[start:start + self._max_batch]])
+                log_points(self._run.client, self._run.run_id, values)
             self.writes += 1
         except Exception:  # a store hiccup loses these points, never the job
             log.exception("could not write %d metrics to run %s", len(values), self._run.run_id)
