@@ -121,8 +121,10 @@ def test_launch_watch_promote_and_try_in_a_browser(embedded, browser):
     shot(page, "02-launch-error")
     assert job_count(base, token) == 0
 
-    page.locator("#field-params-epochs").fill("8")
-    page.locator("#field-params-batch_size").fill("16")
+    # Long enough (~10 s) for the chart, fetched every 2 s from metrics written at most once a second, to be
+    # seen growing.
+    page.locator("#field-params-epochs").fill("12")
+    page.locator("#field-params-batch_size").fill("4")
     page.locator("#field-name").fill("digits from the browser")
     page.get_by_role("button", name="Launch").click()
     page.wait_for_url(f"{base}/jobs/1")

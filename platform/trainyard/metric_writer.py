@@ -45,12 +45,13 @@ class MetricWriterProcess:
         self._child: subprocess.Popen | None = None
         self._pid = os.getpid()
 
-    def start(self) -> bool:
-        """Start the process now if it is not running (it imports MLflow for a second or two, meanwhile the
-        job builds its data and model); False if it cannot start, and `write` will say why."""
+    def start(self, tracking_uri: str | None = None) -> bool:
+        """Start the process now if it is not running, opening `tracking_uri`'s store ahead of the first write
+        (MLflow's import and store set-up take a second or two, meanwhile the job builds its data and model);
+        False if it cannot start, and `write` will say why."""
         with self._lock:
             try:
-                self._running_child()
+                self._running_child(tracking_uri)
             except WriterUnavailable:
                 return False
             return True
@@ -79,7 +80,7 @@ class MetricWriterProcess:
             if self._child is not None:
                 self._forget(self._child)
 
-    def _running_child(self) -> subprocess.Popen:
+    def _running_child(self, warm_uri: str | None = None) -> subprocess.Popen:
         if self._pid != os.getpid():  # forked: the pipes belong to the parent's writer
             self._child, self._pid = None, os.getpid()
         if self._child is not None:
@@ -87,8 +88,8 @@ class MetricWriterProcess:
                 return self._child
             self._forget(self._child)  # died between requests: a new one takes over
         try:
-            self._child = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                           close_fds=True)
+            command = self.command + (["--open", warm_uri] if warm_uri else [])
+            self._child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         except OSError as exc:
             raise WriterUnavailable(f"could not start the metric writer process: {exc}") from exc
         return self._child
@@ -128,11 +129,18 @@ def log_points(client, run_id: str, points: Sequence[Point]) -> None:
                                           for key, value, step, ts in points[start:start + MAX_BATCH]])
 
 
-def serve(requests, answers) -> None:
+def serve(requests, answers, open_uris: Sequence[str] = ()) -> None:
     """The child: write each request's points with MLflow's client, answer each with one line."""
     from mlflow.tracking import MlflowClient
 
     clients: dict[str, MlflowClient] = {}
+    for uri in open_uris:  # set the store up (engine, schema check) before the first request needs it
+        try:
+            clients[uri] = MlflowClient(tracking_uri=uri)
+            clients[uri].search_experiments(max_results=1)
+        except Exception:  # the first write will report it
+            log.warning("could not open the tracking store %s", uri, exc_info=True)
+            clients.pop(uri, None)
     for line in requests:
         try:
             request = json.loads(line)
@@ -158,4 +166,4 @@ if __name__ == "__main__":
     # Answers get a copy of stdout of their own; anything a library prints goes to stderr, not into them.
     answer_stream = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    serve(sys.stdin.buffer, answer_stream)
+    serve(sys.stdin.buffer, answer_stream, sys.argv[2:3] if sys.argv[1:2] == ["--open"] else ())

@@ -167,7 +167,7 @@ class MetricBuffer:
         self._run = run
         self._min_interval = min_interval
         self._writer = writer or shared_writer()
-        self._writer.start()  # ready by the first commit: a worker lost before its first write loses less
+        self._writer.start(run.settings.mlflow_tracking_uri)  # ready by the first commit
         self._pending: list[tuple[str, Any, int, int]] = []
         self._committed: queue.Queue[list[tuple[str, Any, int, int]] | None] = queue.Queue()
         self._closing = threading.Event()

@@ -129,7 +129,7 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
           devices: SingleDevice | Rank0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rank 0's (or the only process's) training: the epochs, checkpoints, metrics and the logged model."""
     params: TrainParams = spec.params
-    shared_writer().start()  # imports MLflow while the data decode and the model build run
+    shared_writer().start(ctx.settings.mlflow_tracking_uri)  # sets MLflow up while the data and model are built
     data = job_data(dataset, spec, devices.augmentation_generator, None, devices.device)
     splits, device = data.splits, data.device
     run.log_dataset(name=data.dataset.name, fingerprint=data.dataset.fingerprint, source=data.dataset.path or "builtin",
