@@ -118,14 +118,14 @@ def authenticate(db: Database, secret: str) -> Principal:
         raise Unauthorized("Send a token: `Authorization: Bearer <token>` (see `trainyard tokens create`).")
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         raise Unauthorized("That is not a Trainyard token.")
-    with db.session_scope() as s:
+    with db.read_scope() as s:  # a web request's session: the view reads on the same connection
         row = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(secret)))
         return _principal(s, row)
 
 
 def principal_for_token(db: Database, token_id: int) -> Principal:
     """The principal behind a token id (a UI session remembers the id, never the secret)."""
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         return _principal(s, s.get(ApiToken, token_id))
 
 

@@ -110,12 +110,12 @@ def _row(name: str, fmt: str, path: str | None, scan: DatasetScan, *, builtin: b
 
 
 def list_datasets(db: Database) -> list[DatasetView]:
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         return [to_view(DatasetView, row) for row in s.scalars(select(Dataset).order_by(Dataset.name))]
 
 
 def get_dataset(db: Database, name: str) -> DatasetView:
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         row = s.scalar(select(Dataset).where(Dataset.name == name))
         if row is None:
             known = ", ".join(s.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from alembic import command
@@ -30,8 +31,14 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite files get their folder created and WAL mode."""
+def create_db_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+    """An engine for `url`; SQLite files get their folder created and WAL mode.
+
+    No pre-ping: it would cost a round trip on every checkout. A connection the server dropped fails its
+    first statement instead; SQLAlchemy then replaces every pooled connection as it is next checked out, and
+    the callers retry (web GETs once, workers' writes with backoff). `pool_recycle` retires connections that
+    a firewall or PgBouncer may have closed quietly.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -39,20 +46,35 @@ def create_db_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # Bounded connects and TCP keepalives: a server that vanished without closing its sockets (a network
-    # partition, a dead host) shows up as an error the callers retry, not as a heartbeat blocked for hours.
-    connect_args = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-                    "keepalives_count": 3} if parsed.get_backend_name() == "postgresql" else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=connect_args)
+    connect_args = {}
+    if parsed.get_backend_name() == "postgresql":
+        # Bounded connects and TCP keepalives: a server that vanished without closing its sockets (a network
+        # partition, a dead host) shows up as an error the callers retry, not as a heartbeat blocked for hours.
+        # No server-side prepared statements: behind PgBouncer in transaction mode (docker-compose.yml) the
+        # next statement may reach another server connection that never saw the PREPARE.
+        connect_args = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                        "keepalives_count": 3, "prepare_threshold": None}
+    return create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800,
+                         connect_args=connect_args)
 
 
 class Database:
-    """One engine and its session factory; `session_scope()` is the only way services touch the database."""
+    """One engine and its session factories: `session_scope()` for a transaction, `read_scope()` for
+    statements that stand alone; services touch the database through these two only.
 
-    def __init__(self, url: str) -> None:
+    Inside `request_scope()` (one web request), every `read_scope()` shares the request's session, so
+    authentication and the view use one connection and no BEGIN/COMMIT is sent for reads.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 10) -> None:
         self.url = url
-        self.engine = create_db_engine(url)
+        self.engine = create_db_engine(url, pool_size=pool_size, max_overflow=max_overflow)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # The same pool in autocommit mode (a client-side switch on checkout, no round trip): a read sends only
+        # its SELECT, and a single-statement write (the claim, a heartbeat) commits as it runs.
+        self._statements = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+                                        expire_on_commit=False)
+        self._request: ContextVar[Session | None] = ContextVar(f"trainyard-request-session-{id(self)}", default=None)
 
     @property
     def dialect(self) -> str:
@@ -69,6 +91,31 @@ class Database:
             session.rollback()
             raise
         finally:
+            session.close()
+
+    @contextmanager
+    def read_scope(self) -> Iterator[Session]:
+        """A session in autocommit mode: each statement commits on its own, so use it for reads and for a
+        write that is one statement. Inside `request_scope()` it is the request's session."""
+        shared = self._request.get()
+        if shared is not None:
+            yield shared
+            return
+        session = self._statements()
+        try:
+            yield session
+        finally:
+            session.close()
+
+    @contextmanager
+    def request_scope(self) -> Iterator[Session]:
+        """One session for everything `read_scope()` does until the block ends (a web request)."""
+        session = self._statements()
+        token = self._request.set(session)
+        try:
+            yield session
+        finally:
+            self._request.reset(token)
             session.close()
 
     def dispose(self) -> None:

@@ -28,14 +28,14 @@ class LogLine:
 def append(db: Database, job_id: int, attempt: int, lines: Sequence[tuple[datetime, str]]) -> None:
     if not lines:
         return
-    with db.session_scope() as s:
+    with db.read_scope() as s:  # one multi-row INSERT
         s.execute(insert(JobLogLine), [{"job_id": job_id, "attempt": attempt, "at": at, "line": line[:MAX_LINE]}
                                        for at, line in lines])
 
 
 def read(db: Database, job_id: int, *, after: int = 0, limit: int = 1000) -> list[LogLine]:
     """Lines after the line id `after`, oldest first (pass the last id seen to follow a log)."""
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         rows = s.execute(select(JobLogLine.id, JobLogLine.attempt, JobLogLine.at, JobLogLine.line)
                          .where(JobLogLine.job_id == job_id, JobLogLine.id > after)
                          .order_by(JobLogLine.id).limit(limit)).all()
@@ -44,7 +44,7 @@ def read(db: Database, job_id: int, *, after: int = 0, limit: int = 1000) -> lis
 
 def tail(db: Database, job_id: int, lines: int = 50) -> list[LogLine]:
     """The last `lines` lines, oldest first."""
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         rows = s.execute(select(JobLogLine.id, JobLogLine.attempt, JobLogLine.at, JobLogLine.line)
                          .where(JobLogLine.job_id == job_id)
                          .order_by(JobLogLine.id.desc()).limit(lines)).all()

@@ -117,7 +117,7 @@ def _check_predict(db: Database, spec: JobSpec, settings: Settings) -> JobSpec:
 
 def _source_job(db: Database, job_id: int) -> tuple[str, dict[str, Any]]:
     """(dataset, spec) of a finished training job."""
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         source = s.get(Job, job_id)
         if source is None:
             raise _invalid("source_job", f"No job with id {job_id}.")
@@ -130,7 +130,7 @@ def _source_job(db: Database, job_id: int) -> tuple[str, dict[str, Any]]:
 def _version_job_spec(db: Database, version: model_registry.ModelVersionView) -> dict[str, Any]:
     if version.job_id is None:
         raise _invalid("model_name", f"{version.name} version {version.version} was not trained by Trainyard.")
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         spec = s.scalar(select(Job.spec).where(Job.id == version.job_id))
     if spec is None:
         raise _invalid("model_name", f"The job that trained {version.name} version {version.version} is gone.")

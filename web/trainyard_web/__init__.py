@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from apiflask import APIFlask
+from flask import g
 
 from trainyard import __version__
 from trainyard.config import Settings
@@ -12,7 +13,7 @@ from trainyard.db import Database, check_schema
 from trainyard.queueing import CeleryDispatch
 from trainyard_web.api import api
 from trainyard_web.models_api import registry_api, serving_api
-from trainyard_web.problems import register_problem_handlers
+from trainyard_web.problems import RetryRequest, register_problem_handlers
 from trainyard_web.runtime import EXTENSION_KEY, Platform
 from trainyard_web.serving import ModelServer
 from trainyard_web.tokens_api import tokens_api
@@ -21,6 +22,35 @@ from trainyard_web import metrics, security
 
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # prediction uploads; anything larger is a 413 problem response
+REQUEST_SESSION_KEY = "trainyard_request_session"
+
+
+class TrainyardFlask(APIFlask):
+    """APIFlask that runs a read once more when its database connection turned out to be dead (the pool does
+    not pre-ping: that would cost a round trip on every request)."""
+
+    def full_dispatch_request(self):
+        try:
+            return super().full_dispatch_request()
+        except RetryRequest:
+            _close_request_session()
+            g.database_retried = True
+            return super().full_dispatch_request()
+
+
+def _open_request_session() -> None:
+    """One database session for the whole request: authentication and the view read on one connection."""
+    from trainyard_web.runtime import platform
+
+    scope = platform().db.request_scope()
+    scope.__enter__()
+    setattr(g, REQUEST_SESSION_KEY, scope)
+
+
+def _close_request_session(_exc: BaseException | None = None) -> None:
+    scope = g.pop(REQUEST_SESSION_KEY, None)
+    if scope is not None:
+        scope.__exit__(None, None, None)
 
 
 def create_app(settings: Settings | None = None, *, serving_only: bool = False) -> APIFlask:
@@ -34,7 +64,7 @@ def create_app(settings: Settings | None = None, *, serving_only: bool = False) 
     check_schema(db)
     ensure_builtin_datasets(db)
 
-    app = APIFlask(
+    app = TrainyardFlask(
         __name__,
         title="Trainyard API",
         version=__version__,
@@ -48,6 +78,8 @@ def create_app(settings: Settings | None = None, *, serving_only: bool = False) 
     app.extensions[EXTENSION_KEY] = Platform(settings=settings, db=db, dispatch=CeleryDispatch(settings),
                                              models=ModelServer(settings, db))
     register_problem_handlers(app)
+    app.before_request(_open_request_session)  # before authentication's hook, which reads in this session
+    app.teardown_request(_close_request_session)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)  # `trainyard serve` sets one share of the cores per process
     limiter = security.install(app, body_limits={

@@ -7,7 +7,7 @@ from typing import Any
 
 from apiflask import APIFlask
 from apiflask.exceptions import HTTPError
-from flask import request
+from flask import g, request
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -15,6 +15,14 @@ from trainyard.errors import TrainyardError, Unauthorized
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger(__name__)
+
+
+class RetryRequest(Exception):
+    """Raised (once) for a read whose pooled connection the server had dropped: run the request again on a
+    fresh connection. Raised from the error handler, so the app's `full_dispatch_request` catches it."""
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None):
@@ -64,7 +72,11 @@ def register_problem_handlers(app: APIFlask) -> None:
     def _database_unreachable(error: DBAPIError):
         if not error.connection_invalidated and not isinstance(error, (OperationalError, InterfaceError)):
             return _unexpected(error)
-        # The pool reconnects (pre-ping) on the next request: tell the caller to come back, not that we broke.
+        if error.connection_invalidated and request.method in SAFE_METHODS and not g.get("database_retried"):
+            # A connection the server dropped (a restart, an idle timeout): the pool has replaced it, and
+            # nothing was written, so the caller need not see it.
+            raise RetryRequest from error
+        # The pool reconnects on the next request: tell the caller to come back, not that we broke.
         log.warning("database unreachable on %s %s: %s", request.method, request.path, error.orig)
         body, status, headers = problem(503, "Database unreachable",
                                         "The platform database did not answer; retry in a few seconds.")
