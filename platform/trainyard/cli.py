@@ -81,6 +81,27 @@ def db_current() -> None:
         raise typer.Exit(1)
 
 
+@db_app.command("tallies")
+def db_tallies(recount: bool = typer.Option(False, "--recount", help="Rebuild the tallies from the job rows.")) -> None:
+    """Check the job tallies (queue depths, jobs per status, durations) against the job rows; --recount
+    rebuilds them (after a bulk import with triggers off). Reads every job: an operator's tool."""
+    from trainyard import job_tallies
+    from trainyard.db import Database
+
+    db = Database(Settings().database_url)
+    try:
+        result = job_tallies.recount(db) if recount else job_tallies.check(db)
+    finally:
+        db.dispose()
+    for (queue, status), n in sorted(result.counted.items()):
+        kept = result.kept.get((queue, status), 0)
+        console.print(f"{queue:<20} {status:<10} {n:>10,}" + ("" if kept == n else f"  (tally says {kept:,})"))
+    if not result.consistent:
+        console.print("[red]the tallies disagree with the job rows[/red]; run `trainyard db tallies --recount`")
+        raise typer.Exit(1)
+    console.print("tallies " + ("rebuilt" if recount else "agree with the job rows"))
+
+
 @db_app.command("revision")
 def db_revision(message: str = typer.Option(..., "-m", "--message", help="Why the schema changes.")) -> None:
     """(Developers) Write a new migration from the difference between the models and the database."""

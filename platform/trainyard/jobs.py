@@ -1,11 +1,13 @@
 """Jobs service: submit, claim, heartbeat, progress, finish, fail, cancel — each a guarded state transition.
 
-Every transition is a conditional UPDATE on (status, attempt) plus a `job_event` row in the same
-transaction, so two processes racing for one job can never both win, and the history is complete.
+Every transition is one conditional UPDATE on (status, attempt) that also sets `status_reason`; a trigger
+(migration 0007) writes the `job_event` row and the per-queue tallies in the same statement. Two processes
+racing for one job can never both win, the history is complete, and a transition costs one round trip.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from trainyard.auth import Principal
@@ -84,7 +86,7 @@ class LeaseState:
     cancel_requested: bool
 
 
-def _view(row: Job, events: Sequence[JobEvent] = ()) -> JobView:
+def _view(row: Any, events: Sequence[Any] = ()) -> JobView:
     return to_view(JobView, row, events=[to_view(JobEventView, e) for e in events],
                    priority=PRIORITY_NAMES.get(row.priority, "normal"))
 
@@ -97,45 +99,33 @@ def transition(
     to_status: JobStatus,
     attempt: int,
     message: str,
-    event_attempt: int | None = None,
     values: dict[str, Any] | None = None,
     also: Sequence[Any] = (),
 ) -> bool:
-    """Move the job from (from_status, attempt) to to_status and log the event; False if it had moved on.
-
-    `also` adds conditions to the compare-and-set (e.g. "the lease is still expired").
-    """
-    now = utcnow()
+    """Move the job from (from_status, attempt) to to_status, `message` going into its history (by the
+    trigger); False if it had moved on. `also` adds conditions to the compare-and-set (e.g. "the lease is
+    still expired"). One statement: safe in a `read_scope()` session."""
     result = s.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == from_status, Job.attempt == attempt, *also)
-        .values(status=to_status, updated_at=now, **(values or {}))
+        .values(status=to_status, status_reason=message, updated_at=utcnow(), **(values or {}))
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:
-        return False
-    s.add(
-        JobEvent(
-            job_id=job_id,
-            at=now,
-            from_status=from_status,
-            to_status=to_status,
-            attempt=attempt if event_attempt is None else event_attempt,
-            message=message,
-        )
-    )
-    return True
+    return result.rowcount == 1
 
 
 def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Settings,
                owner: str | None = None) -> JobView:
-    """Check the spec, store a QUEUED job and its first event in one transaction, then send its id to the broker."""
+    """Check the spec, store a QUEUED job (its first event and tally by trigger, in the same statement), then
+    send its id to the broker. The answer comes from the INSERT's RETURNING, not from a re-read."""
     spec = checked_spec(db, spec, settings)
-    with db.session_scope() as s:
-        job = Job(
+    message = f"submitted by {owner}" if owner else "submitted"
+    with db.read_scope() as s:
+        job = s.scalars(insert(Job).returning(Job), [dict(
             kind=spec.kind,
             name=spec.name or default_name(spec),
             status=JobStatus.QUEUED,
+            status_reason=message,
             dataset=spec.dataset or f"folder:{Path(spec.path or '').name}",
             architecture=spec.architecture or "",
             spec=spec.model_dump(mode="json"),
@@ -147,34 +137,31 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
             progress={"epoch": 0, "epochs": spec.params.epochs if spec.kind == "train" else 0},
             metrics={},
             owner=owner,
-        )
-        s.add(job)
-        s.flush()
-        s.add(JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.QUEUED, attempt=0,
-                       message=f"submitted by {owner}" if owner else "submitted"))
-        job_id, queue, priority = job.id, job.queue, job.priority
-
+        )]).one()
+        submitted = _view(job, [JobEvent(at=job.created_at, from_status=None, to_status=JobStatus.QUEUED, attempt=0,
+                                         message=message)])
     try:
-        dispatch(job_id, queue, priority)
+        dispatch(submitted.id, submitted.queue, job.priority)
     except Exception as exc:  # the broker is down or refused: say so rather than leave a job that never runs
         reason = f"could not enqueue: {type(exc).__name__}: {exc}"
-        with db.session_scope() as s:
+        with db.read_scope() as s:
             transition(
-                s, job_id, from_status=JobStatus.QUEUED, to_status=JobStatus.FAILED, attempt=0,
+                s, submitted.id, from_status=JobStatus.QUEUED, to_status=JobStatus.FAILED, attempt=0,
                 message=reason, values={"error": reason, "finished_at": utcnow()},
             )
-        raise ServiceUnavailable(f"Job {job_id} was recorded but the broker did not accept it ({exc}).") from exc
-    return get_job(db, job_id)
+        raise ServiceUnavailable(f"Job {submitted.id} was recorded but the broker did not accept it ({exc}).") from exc
+    return submitted
 
 
 MAX_ID = 2**63 - 1  # ids beyond this cannot exist, and SQLite would raise on them
 
 
 def get_job(db: Database, job_id: int) -> JobView:
+    """The job and its history: two reads, no transaction."""
     if not 0 < job_id <= MAX_ID:
         raise NotFound(f"No job with id {job_id}.")
-    with db.session_scope() as s:
-        row = s.get(Job, job_id)
+    with db.read_scope() as s:
+        row = s.get(Job, job_id, populate_existing=True)
         if row is None:
             raise NotFound(f"No job with id {job_id}.")
         events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
@@ -185,10 +172,11 @@ def list_jobs(
     db: Database, *, statuses: Sequence[str] = (), limit: int = 50, before: int | None = None,
     dataset: str | None = None, architecture: str | None = None, ids: Sequence[int] = (),
 ) -> JobPage:
-    """Newest first; keyset pagination on id so a page costs the same at 100 or 100,000 jobs."""
+    """Newest first; keyset pagination on id so a page costs the same at 1,000 or 1,000,000 jobs.
+
+    Several statuses are read one index range each and merged: `status IN (...) ORDER BY id` would sort
+    every match."""
     query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
-    if statuses:
-        query = query.where(Job.status.in_(list(statuses)))
     if dataset:
         query = query.where(Job.dataset == dataset)
     if architecture:
@@ -197,56 +185,65 @@ def list_jobs(
         query = query.where(Job.id.in_([i for i in ids if 0 < i <= MAX_ID]))
     if before is not None:
         query = query.where(Job.id < before)
-    with db.session_scope() as s:
-        rows = s.scalars(query).all()
+    with db.read_scope() as s:
+        if len(set(statuses)) > 1 and not ids:
+            rows = sorted((row for status in set(statuses) for row in s.scalars(query.where(Job.status == status))),
+                          key=lambda row: row.id, reverse=True)[:limit + 1]
+        else:
+            rows = s.scalars(query.where(Job.status.in_(list(statuses))) if statuses else query).all()
         items = [_view(r) for r in rows[:limit]]
     return JobPage(items, items[-1].id if len(rows) > limit else None)
 
 
 def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float, *,
               most_urgent: bool = False, worker_label: str | None = None) -> JobView | None:
-    """QUEUED → RUNNING with attempt + 1 and a lease, atomically; None if nothing is claimable.
+    """QUEUED → RUNNING with attempt + 1 and a lease, in one statement; None if nothing is claimable.
 
     With `most_urgent` (what a worker does with a message), the job claimed is the most urgent one waiting
-    in `job_id`'s queue: highest priority first, then the oldest. Priority then holds on every broker, the
-    SQLite one too, and every job still runs once: each queued job has a message of its own, and a message
-    that finds its job already taken simply takes the next. `worker_label` names the worker in the history
-    (its Celery node name), `worker` is the lease owner.
+    in `job_id`'s queue: highest priority first, then the oldest. A message is then only a wake-up: priority
+    holds on every broker, and every job runs once whichever message arrives. On PostgreSQL the candidate is
+    picked `FOR UPDATE SKIP LOCKED`, so concurrent claimers each take a different job instead of racing for
+    the head and retrying; SQLite runs one writing statement at a time. A claim returns None only when no
+    job is waiting that another claim is not already taking. `worker_label` names the worker in the
+    history (its Celery node name), `worker` is the lease owner. The view has no events (none are read).
     """
-    with db.session_scope() as s:
-        for _ in range(10):  # lost races: another worker claimed the candidate between our read and write
-            row = s.get(Job, job_id)
-            if row is None:
-                return None
-            if most_urgent:
-                row = s.scalars(select(Job).where(Job.queue == row.queue, Job.status == JobStatus.QUEUED)
-                                .order_by(Job.priority.desc(), Job.id).limit(1)).first()
-            if row is None or row.status != JobStatus.QUEUED:
-                return None
-            now = utcnow()
-            won = transition(
-                s, row.id, from_status=JobStatus.QUEUED, to_status=JobStatus.RUNNING, attempt=row.attempt,
-                event_attempt=row.attempt + 1, message=f"started on {worker_label or worker}",
-                values={
-                    "attempt": row.attempt + 1,
-                    "lease_owner": worker,
-                    "lease_expires_at": now + timedelta(seconds=lease_seconds),
-                    "started_at": now,
-                    "error": None,
-                },
-            )
-            if won:
-                claimed = row.id
-                break
-            s.expire_all()
-        else:
-            return None
-    return get_job(db, claimed)
+    if not 0 < job_id <= MAX_ID:
+        return None
+    now = utcnow()
+    with db.read_scope() as s:
+        row = s.execute(_claim_statement(most_urgent), {
+            "hint": job_id, "reason": f"started on {worker_label or worker}", "lease_to": worker,
+            "expires": now + timedelta(seconds=lease_seconds), "now": now,
+        }).first()
+    return None if row is None else _view(row)
+
+
+@functools.cache
+def _claim_statement(most_urgent: bool):
+    """Built once: the claim is the workers' hottest statement, and building it costs more than running it.
+    Core, not the ORM's bulk UPDATE: the answer is one row, turned into a view."""
+    job = Job.__table__
+    if most_urgent:
+        queue = select(job.c.queue).where(job.c.id == bindparam("hint")).scalar_subquery()
+        candidate = (select(job.c.id).where(job.c.queue == queue, job.c.status == JobStatus.QUEUED)
+                     .order_by(job.c.priority.desc(), job.c.id).limit(1)
+                     .with_for_update(skip_locked=True).scalar_subquery())
+    else:
+        candidate = bindparam("hint")
+    return (
+        update(job)
+        .where(job.c.id == candidate, job.c.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, status_reason=bindparam("reason"), attempt=job.c.attempt + 1,
+                lease_owner=bindparam("lease_to"), lease_expires_at=bindparam("expires", type_=Job.lease_expires_at.type),
+                started_at=bindparam("now", type_=Job.started_at.type), error=None,
+                updated_at=bindparam("now", type_=Job.updated_at.type))
+        .returning(*job.c)
+    )
 
 
 def job_leased_by(db: Database, worker: str) -> JobView | None:
     """The job this worker process holds the lease of, if any (one process runs one job at a time)."""
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         job_id = s.scalar(select(Job.id).where(Job.status == JobStatus.RUNNING, Job.lease_owner == worker)
                           .order_by(Job.id.desc()).limit(1))
     return None if job_id is None else get_job(db, job_id)
@@ -256,11 +253,13 @@ def renew_lease(
     db: Database, job_id: int, worker: str, attempt: int, lease_seconds: float,
     progress: dict[str, Any] | None = None,
 ) -> LeaseState:
-    """Extend the lease (and store the latest progress) if this worker still holds it."""
-    values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_seconds)}
+    """Extend the lease (and store the latest progress) if this worker still holds it: one statement that
+    touches no indexed column, so PostgreSQL updates the row in place (HOT)."""
+    now = utcnow()
+    values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
     if progress is not None:
         values["progress"] = progress
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         cancel = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt,
@@ -287,7 +286,7 @@ def record_progress(
         "checkpoint_epoch": checkpoint_epoch, "model_name": model_name, "model_version": model_version,
     }
     values = {key: value for key, value in given.items() if value is not None}
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         result = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt)
@@ -301,18 +300,16 @@ def note_event(db: Database, job_id: int, attempt: int, message: str) -> bool:
 
     False if the attempt no longer runs.
     """
-    with db.session_scope() as s:
-        running = s.scalar(select(Job.id).where(Job.id == job_id, Job.status == JobStatus.RUNNING,
-                                                Job.attempt == attempt))
-        if running is None:
-            return False
-        s.add(JobEvent(job_id=job_id, from_status=JobStatus.RUNNING, to_status=JobStatus.RUNNING,
-                       attempt=attempt, message=message))
-    return True
+    note = insert(JobEvent).from_select(
+        ["job_id", "at", "from_status", "to_status", "attempt", "message"],
+        select(Job.id, literal(utcnow(), JobEvent.at.type), Job.status, Job.status, Job.attempt, literal(message))
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt))
+    with db.read_scope() as s:
+        return s.execute(note).rowcount == 1
 
 
 def _end_running(db: Database, job_id: int, attempt: int, to: JobStatus, message: str, **values: Any) -> bool:
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         return transition(
             s, job_id, from_status=JobStatus.RUNNING, to_status=to, attempt=attempt, message=message,
             values={"lease_owner": None, "lease_expires_at": None, "finished_at": utcnow(), **values},
@@ -336,7 +333,7 @@ def retry_job(db: Database, job_id: int, dispatch: Dispatch, *, actor: Principal
 
     With an `actor`, only the job's owner or an admin may retry it."""
     get_job(db, job_id)  # 404 for an id that cannot exist
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         row = s.get(Job, job_id)
         if row is None:
             raise NotFound(f"No job with id {job_id}.")
@@ -372,7 +369,7 @@ def send_after_commit(dispatch: Dispatch, job_id: int, queue: str, priority: int
 
 def release_job(db: Database, job_id: int, attempt: int, message: str, dispatch: Dispatch) -> bool:
     """RUNNING → QUEUED for a worker that stops on purpose (or → CANCELLED if a cancel was asked for)."""
-    with db.session_scope() as s:
+    with db.read_scope() as s:
         row = s.get(Job, job_id)
         if row is None:
             return False

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -31,10 +33,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def to_view(view_cls: type[V], row: Base, **overrides: Any) -> V:
-    """Copy an ORM row into the dataclass `view_cls` (same field names), so no ORM object leaves a service."""
+def to_view(view_cls: type[V], row: Any, **overrides: Any) -> V:
+    """Copy an ORM row (or a Core result row) into the dataclass `view_cls` (same field names), so no ORM
+    object leaves a service."""
+    # JSON columns are mutable: a view of an ORM object gets its own copy; a Core row's values are its alone.
+    fresh = not isinstance(row, Base)
     values = {
-        f.name: copy.deepcopy(getattr(row, f.name))  # JSON columns are mutable: the view gets its own copy
+        f.name: getattr(row, f.name) if fresh else copy.deepcopy(getattr(row, f.name))
         for f in dataclasses.fields(view_cls)  # type: ignore[arg-type]
         if f.name not in overrides
     }
@@ -112,17 +117,23 @@ class Job(Base):
     model_version: Mapped[int | None] = mapped_column(Integer)
     owner: Mapped[str | None] = mapped_column(String(100))  # the user whose token submitted it
     error: Mapped[str | None] = mapped_column(Text)
+    # Why the status last changed: the job_event trigger copies it into the history (see migration 0007).
+    status_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     __table_args__ = (
-        # The job list is "newest first, optionally by status": both served by keyset scans on id.
+        # The job list is "newest first, optionally by status, dataset or architecture": keyset scans on id.
         Index("ix_job_status_id", "status", "id"),
-        Index("ix_job_lease_expires_at", "lease_expires_at"),
-        # The claim's "most urgent job in this queue" and the queue-position count read this index.
-        Index("ix_job_queue_status_priority", "queue", "status", "priority", "id"),
+        Index("ix_job_dataset_id", "dataset", "id"),
+        Index("ix_job_architecture_id", "architecture", "id"),
+        # The claim's "most urgent waiting job in this queue", in the claim's own order, over waiting jobs only:
+        # its cost does not grow with the backlog or the history. No index holds a lease or progress column,
+        # so a heartbeat's UPDATE stays HOT on PostgreSQL (migration 0007 sets fillfactor 80 to leave it room).
+        Index("ix_job_claim", "queue", priority.desc(), "id",
+              postgresql_where=text("status = 'QUEUED'"), sqlite_where=text("status = 'QUEUED'")),
     )
 
 
@@ -136,6 +147,33 @@ class JobEvent(Base):
     to_status: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer)
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobTally(Base):
+    """How many jobs each (queue, status) holds, kept by database triggers on every insert, status change and
+    delete of a job (migration 0007): queue depths and /metrics read a few rows whatever the backlog."""
+
+    __tablename__ = "job_tally"
+
+    queue: Mapped[str] = mapped_column(String(100), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class JobDurationTally(Base):
+    """Finished attempts' run times as a cumulative histogram per (kind, final status), kept by the same
+    triggers: `n` attempts took at most `le` seconds (`le` = INF_BOUND counts them all), `sum_seconds` theirs."""
+
+    __tablename__ = "job_duration_tally"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    le: Mapped[float] = mapped_column(Float, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+    sum_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+INF_BOUND = 1e300  # job_duration_tally.le of the histogram's +Inf bucket
 
 
 class Dataset(Base):

@@ -13,7 +13,7 @@ from trainyard.archives import Limits
 from trainyard.auth import Role
 from trainyard.ml.architectures import ARCHITECTURES
 from trainyard.models import JobStatus
-from trainyard.specs import JobSpec
+from trainyard.specs import PRIORITY_LEVELS, JobSpec
 from trainyard_web.runtime import platform
 from trainyard_web.security import current_principal, requires
 from trainyard_web.schemas import (
@@ -65,10 +65,12 @@ def list_jobs(query: JobListQuery):
 @requires(Role.VIEWER)
 def get_job(job_id: int):
     p = platform()
-    job = JobOut.model_validate(jobs.get_job(p.db, job_id))
-    if job.status == JobStatus.QUEUED:  # one indexed count and the pool's few rows, only while it waits
-        wait = worker_registry.queue_wait(p.db, job_id, stale_after_seconds=p.settings.worker_stale_seconds)
-        job.waiting = QueueWaitOut.model_validate(wait) if wait else None
+    view = jobs.get_job(p.db, job_id)
+    job = JobOut.model_validate(view)
+    if job.status == JobStatus.QUEUED:  # two capped index counts and the pool's rows, only while it waits
+        wait = worker_registry.place_in_queue(p.db, view.id, view.queue, PRIORITY_LEVELS[view.priority],
+                                              stale_after_seconds=p.settings.worker_stale_seconds)
+        job.waiting = QueueWaitOut.model_validate(wait)
     return job
 
 

@@ -25,8 +25,10 @@ class JobEventOut(Out):
 
 class QueueWaitOut(Out):
     queue: str
-    jobs_ahead: int = Field(description="Jobs in the same queue that start before this one")
-    served_by: list[str] = Field(description="Live workers consuming the queue; empty means none will take it")
+    jobs_ahead: int = Field(description="Jobs in the same queue that start before this one, counted up to 1,000")
+    jobs_ahead_capped: bool = Field(False, description="True when 1,000 or more jobs are ahead (the count stops there)")
+    served_by: list[str] = Field(description="Live workers consuming the queue (the first 20); empty means none "
+                                             "will take it")
     message: str
 
 

@@ -112,13 +112,18 @@ def reconciler(once: bool = typer.Option(False, help="Look once and exit.")) -> 
     log = logging.getLogger("trainyard.reconciler")
     settings = Settings()
     _require_current_schema(settings)
-    db, dispatch = Database(settings.database_url), CeleryDispatch(settings)
+    db, dispatch = Database(settings.database_url, pool_size=1, max_overflow=1), CeleryDispatch(settings)
+    wakeups = reconciling.WakeUps()
     log.info("watching for lost jobs every %.1f s", settings.reconcile_seconds)
     while True:
         try:
-            requeued = reconciling.requeue_lost_jobs(db, dispatch)
-            if requeued:
-                log.info("re-queued lost jobs %s", requeued)
+            report = reconciling.reconcile(db, dispatch, wakeups=wakeups,
+                                           stale_after_seconds=settings.worker_stale_seconds)
+            if report.requeued or report.failed or report.cancelled:
+                log.info("lost jobs: re-queued %s, failed %s, cancelled %s", report.requeued, report.failed,
+                         report.cancelled)
+            if report.woken:
+                log.info("woke stalled queues (messages sent): %s", report.woken)
         except Exception:  # the database or broker is briefly away: try again next round
             log.exception("reconcile round failed")
         if once:
