@@ -102,7 +102,7 @@ def settings_env(settings, **extra: str) -> dict[str, str]:
         "TRAINYARD_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
         "TRAINYARD_MLFLOW_ARTIFACT_ROOT": settings.mlflow_artifact_root,
         "TRAINYARD_QUEUE": settings.queue,
-        "TRAINYARD_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+        "TRAINYARD_HEARTBEAT_SECONDS": str(settings.beat_seconds),
         "TRAINYARD_LEASE_SECONDS": str(settings.lease_seconds),
         "TRAINYARD_TORCH_THREADS": str(settings.torch_threads or 1),
         "PYTHONPATH": PYTHONPATH,

@@ -205,7 +205,7 @@ class WorkerProcess:
             "TRAINYARD_BROKER_URL": settings.broker_url,
             "TRAINYARD_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
             "TRAINYARD_MLFLOW_ARTIFACT_ROOT": settings.mlflow_artifact_root,
-            "TRAINYARD_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+            "TRAINYARD_HEARTBEAT_SECONDS": str(settings.beat_seconds),
             "TRAINYARD_LEASE_SECONDS": str(settings.lease_seconds),
             "TRAINYARD_RECONCILE_SECONDS": str(settings.reconcile_seconds),
             "TRAINYARD_TORCH_THREADS": "1",

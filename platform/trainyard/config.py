@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     # "name[:memory_mb],…": GPUs the worker pool believes this host has, where NVML finds none (tests, demos).
     simulated_gpus: str | None = None
     lease_seconds: float = Field(60.0, gt=0)
-    heartbeat_seconds: float = Field(2.0, gt=0)
+    heartbeat_seconds: float | None = Field(
+        None, gt=0, description="how often a running job renews its lease; unset: a twentieth of the lease, "
+                                "between 0.5 and 5 s (3 s for the default 60 s lease)")
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")
     reconcile_seconds: float = Field(10.0, gt=0, description="how often lost jobs are looked for")
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (one per core)")
@@ -106,6 +108,12 @@ class Settings(BaseSettings):
         if not self.api_url:
             self.api_url = f"http://{self.host}:{self.port}"
         return self
+
+    @property
+    def beat_seconds(self) -> float:
+        """The lease heartbeat's period: `heartbeat_seconds`, or derived from the lease so a beat or two may be
+        lost before it lapses."""
+        return self.heartbeat_seconds or min(5.0, max(0.5, self.lease_seconds / 20))
 
     @property
     def admin_token_path(self) -> Path:

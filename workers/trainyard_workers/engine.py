@@ -48,7 +48,9 @@ class WorkerContext:
     def db(self) -> Database:
         # A connection pool must not cross a fork: each process builds its own.
         if self._db is None or self._db_pid != os.getpid():
-            self._db = Database(self.settings.database_url)
+            # Two threads use it at once (the job's and its lease keeper's): two connections kept per process at
+            # most, the budget the README's connection arithmetic counts on.
+            self._db = Database(self.settings.database_url, pool_size=2, max_overflow=2)
             self._db_pid = os.getpid()
         return self._db
 
@@ -96,14 +98,14 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         settings = self._ctx.settings
-        while not self._stopped.wait(settings.heartbeat_seconds):
+        while not self._stopped.wait(settings.beat_seconds):
             try:
                 # Backing off no further than one beat: once the database is back the lease must be
                 # renewed at once, before it runs out.
                 state = call_db(
                     jobs.renew_lease, self._ctx.db, self._job.id, self._ctx.worker_id, self._job.attempt,
                     settings.lease_seconds, progress=dict(self.progress),
-                    patience=settings.lease_seconds, max_backoff=settings.heartbeat_seconds, stopped=self._stopped,
+                    patience=settings.lease_seconds, max_backoff=settings.beat_seconds, stopped=self._stopped,
                 )
             except Exception:  # a database outage must not kill training; the next beat tries again
                 log.exception("heartbeat for job %s failed", self._job.id)

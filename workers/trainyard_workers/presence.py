@@ -44,7 +44,7 @@ class Presence:
         self._db: Database | None = None
 
     def start(self) -> None:
-        self._db = Database(self.settings.database_url)
+        self._db = Database(self.settings.database_url, pool_size=1, max_overflow=1)  # one heartbeat thread
         try:
             self._register()
         except Exception:  # the registry is for people; a database hiccup must not stop the worker
