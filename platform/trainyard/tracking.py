@@ -30,8 +30,19 @@ def tracking_client(settings: Settings) -> MlflowClient:
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
 
 
+# (tracking URI, experiment name) → id, per process: a worker asks once, not once per job.
+_EXPERIMENT_IDS: dict[tuple[str, str], str] = {}
+
+
 def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
-    """The platform's experiment id, created with its artifact root on first use."""
+    """The platform's experiment id, created with its artifact root on first use (and remembered)."""
+    key = (settings.mlflow_tracking_uri, settings.mlflow_experiment)
+    if key not in _EXPERIMENT_IDS:
+        _EXPERIMENT_IDS[key] = _find_or_create_experiment(client, settings)
+    return _EXPERIMENT_IDS[key]
+
+
+def _find_or_create_experiment(client: MlflowClient, settings: Settings) -> str:
     exp = client.get_experiment_by_name(settings.mlflow_experiment)
     if exp is not None:
         return exp.experiment_id
