@@ -1,4 +1,4 @@
-"""The deployment files: docker-compose.yml, .env.example, the Dockerfile and deploy/kubernetes/.
+"""The deployment files: docker-compose.yml, .env.example, the Dockerfile, deploy/pgbouncer/ and deploy/kubernetes/.
 
 They cannot run here (no Docker engine, no cluster), so these tests read them: their structure, and that
 every command they run names something this checkout really has.
@@ -6,6 +6,7 @@ every command they run names something this checkout really has.
 
 from __future__ import annotations
 
+import configparser
 import importlib
 import importlib.metadata
 import re
@@ -48,8 +49,8 @@ def _own_image(service: dict) -> bool:
 
 
 def test_compose_has_every_part_of_a_real_deployment():
-    assert {"postgres", "mlflow-postgres", "redis", "mlflow", "migrate", "web", "reconciler", "flower",
-            "worker-gpu0", "worker-gpu1"} <= set(SERVICES)
+    assert {"postgres", "pgbouncer", "mlflow-postgres", "redis", "mlflow", "migrate", "web", "reconciler",
+            "flower", "worker-gpu0", "worker-gpu1"} <= set(SERVICES)
     env = COMPOSE["x-trainyard-env"]
     assert env["TRAINYARD_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert env["TRAINYARD_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
@@ -124,6 +125,142 @@ def test_mlflow_uses_its_own_database_not_the_platforms():
     mlflow_host = host_db.search(mlflow_url).group(1)
     assert mlflow_host in SERVICES and SERVICES[mlflow_host]["environment"]["POSTGRES_DB"] == \
         host_db.search(mlflow_url).group(2)
+    # The platform's URL names the pooler; the server behind it is not MLflow's either, and MLflow's own
+    # store is reached directly, not through the platform's pooler.
+    target = _pooled_target(_database_url(platform_url)["db"])
+    assert (target["host"], target["dbname"]) != host_db.search(mlflow_url).groups()
+    assert mlflow_host != "pgbouncer"
+
+
+# ---- the connection pooler ----------------------------------------------------------------------------
+
+DATABASE_URL = re.compile(r"^postgresql\+psycopg://(?P<user>[^:@/]+):(?P<password>\$\{[^}]+\})"
+                          r"@(?P<host>[^:/@]+):(?P<port>\d+)/(?P<db>\w+)$")
+PGBOUNCER_INI_IN_CONTAINER = "/etc/pgbouncer/pgbouncer.ini"
+WORKERS_TO_HOLD = 1000  # the issue's target: a thousand GPU workers
+POOL_PER_WORKER_PROCESS = 2  # a worker process's SQLAlchemy pool, at most
+
+
+def _database_url(url: str) -> dict[str, str]:
+    match = DATABASE_URL.match(url)
+    assert match, f"not a postgresql+psycopg://user:${{PASSWORD}}@host:port/db URL: {url}"
+    return match.groupdict()
+
+
+def _pgbouncer_ini() -> configparser.ConfigParser:
+    """The pgbouncer.ini the pgbouncer service mounts, parsed (only `;`/`#` lines are comments there)."""
+    mounts = {}
+    for volume in SERVICES["pgbouncer"]["volumes"]:
+        source, target, *mode = volume.split(":")
+        mounts[target] = (source, mode)
+    assert PGBOUNCER_INI_IN_CONTAINER in mounts, "pgbouncer runs without the repository's pgbouncer.ini"
+    source, mode = mounts[PGBOUNCER_INI_IN_CONTAINER]
+    assert mode == ["ro"], "the entrypoint must not rewrite the mounted pgbouncer.ini"
+    path = ROOT / source
+    assert source.startswith("./") and path.is_file(), source
+    ini = configparser.ConfigParser(interpolation=None, comment_prefixes=(";", "#"), inline_comment_prefixes=None)
+    ini.read_string(path.read_text())
+    return ini
+
+
+def _pooled_target(database: str) -> dict[str, str]:
+    """Where PgBouncer sends clients of `database`: its [databases] entry as a dict (host, port, dbname)."""
+    databases = _pgbouncer_ini()["databases"]
+    assert database in databases, f"pgbouncer has no [databases] entry {database!r}"
+    return dict(item.split("=", 1) for item in databases[database].split())
+
+
+def _postgres_max_connections() -> int:
+    command = " ".join(str(a) for a in SERVICES["postgres"].get("command") or [])
+    match = re.search(r"max_connections=(\d+)", command)
+    return int(match.group(1)) if match else 100  # PostgreSQL's default
+
+
+def _runs_migrations(service: dict) -> bool:
+    return any(argv[:3] == ["trainyard", "db", "upgrade"] for argv in _commands(service))
+
+
+def _opens_platform_database(name: str, service: dict) -> bool:
+    # The same services the migration test above expects to wait for `migrate`; Flower only reads the broker.
+    return _own_image(service) and name not in ONE_SHOT | {"mlflow", "flower"}
+
+
+def test_pgbouncer_pools_transactions_with_the_platform_databases_credentials():
+    service = SERVICES["pgbouncer"]
+    assert re.fullmatch(r"[\w./-]*pgbouncer:v?\d+\.\d+\.\d+(-p\d+)?", service["image"]), \
+        f"pin a PgBouncer version: {service['image']}"
+    ini = _pgbouncer_ini()
+    settings = ini["pgbouncer"]
+    assert settings["pool_mode"] == "transaction"
+    # Transaction mode: nothing is reset between clients (an absent key would mean DISCARD ALL).
+    assert "server_reset_query" in settings and settings["server_reset_query"] == ""
+    assert "extra_float_digits" in [p.strip() for p in settings["ignore_startup_parameters"].split(",")]
+    assert settings["auth_type"] == "scram-sha-256"
+
+    # Clients: a thousand workers' pools fit, with room to spare.
+    max_client_conn = int(settings["max_client_conn"])
+    assert max_client_conn >= 2 * WORKERS_TO_HOLD * POOL_PER_WORKER_PROCESS
+    # Servers: what PgBouncer may open stays well inside PostgreSQL's max_connections (3 are reserved for
+    # superusers), leaving room for the direct connections (migrations, psql, KEDA, a second pooler).
+    pool = int(settings["default_pool_size"]) + int(settings.get("reserve_pool_size", "0"))
+    cap = int(settings.get("max_db_connections", "0")) or pool
+    assert int(settings["default_pool_size"]) >= 10
+    assert pool <= cap, "max_db_connections would silently cut the pool below default_pool_size + reserve_pool_size"
+    assert cap + 10 <= _postgres_max_connections() - 3, f"{cap} server connections leave no room to connect directly"
+    nofile = service["ulimits"]["nofile"]
+    soft = nofile["soft"] if isinstance(nofile, dict) else nofile
+    assert soft >= max_client_conn + cap, "PgBouncer would run out of file descriptors before max_client_conn"
+
+    # Behind it: the postgres service's database, as the postgres service's own role and password. The image's
+    # entrypoint writes them to the auth file; plain text (AUTH_TYPE scram-sha-256 or plain) so PgBouncer can
+    # log in to PostgreSQL, whose stored passwords are SCRAM.
+    postgres = SERVICES["postgres"]["environment"]
+    assert _pooled_target(postgres["POSTGRES_DB"]) == {"host": "postgres", "port": "5432",
+                                                       "dbname": postgres["POSTGRES_DB"]}
+    env = service["environment"]
+    assert env["DB_USER"] == postgres["POSTGRES_USER"]
+    assert env["DB_PASSWORD"] == postgres["POSTGRES_PASSWORD"]
+    assert env["AUTH_TYPE"] in {"scram-sha-256", "plain"}
+    assert not {"DB_HOST", "DATABASE_URL"} & set(env)  # the mounted pgbouncer.ini says where, not the env
+
+    check = service["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "pg_isready"] and check[check.index("-p") + 1] == settings["listen_port"]
+    assert service["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+
+
+def test_every_platform_database_url_goes_through_pgbouncer_except_the_migrations():
+    listen_port = _pgbouncer_ini()["pgbouncer"]["listen_port"]
+    postgres = SERVICES["postgres"]["environment"]
+    pooled, direct = set(), set()
+    for name, service in SERVICES.items():
+        url = (service.get("environment") or {}).get("TRAINYARD_DATABASE_URL")
+        if url is None:
+            assert not _runs_migrations(service), f"{name} migrates without a database URL"
+            continue
+        parts = _database_url(url)
+        assert (parts["user"], parts["password"]) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"]), name
+        if _runs_migrations(service):
+            # DDL and its locks go straight to PostgreSQL, not through a transaction pooler.
+            assert name in ONE_SHOT, f"{name} runs migrations but is not the one-shot"
+            assert (parts["host"], parts["port"], parts["db"]) == ("postgres", "5432", postgres["POSTGRES_DB"]), name
+            direct.add(name)
+        else:
+            assert (parts["host"], parts["port"]) == ("pgbouncer", listen_port), f"{name} bypasses pgbouncer: {url}"
+            assert _pooled_target(parts["db"])["dbname"] == postgres["POSTGRES_DB"], name
+            pooled.add(name)
+    assert direct == {"migrate"}
+    assert {"web", "serve", "reconciler", "flower"} | set(_gpu_worker_services()) <= pooled
+    assert _database_url(COMPOSE["x-trainyard-env"]["TRAINYARD_DATABASE_URL"])["host"] == "pgbouncer"
+
+
+def test_database_clients_start_only_once_pgbouncer_is_healthy():
+    clients = {name for name, service in SERVICES.items() if _opens_platform_database(name, service)}
+    assert {"web", "serve", "reconciler"} | set(_gpu_worker_services()) <= clients
+    for name in clients:
+        depends = SERVICES[name].get("depends_on", {})
+        assert depends.get("pgbouncer") == {"condition": "service_healthy"}, f"{name} does not wait for pgbouncer"
+    # The workers get it from their shared anchor, so a newly copied worker-gpuN waits too.
+    assert COMPOSE["x-gpu-worker"]["depends_on"]["pgbouncer"] == {"condition": "service_healthy"}
 
 
 def test_ui_without_their_own_login_are_published_on_loopback_only():
