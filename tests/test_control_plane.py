@@ -298,12 +298,14 @@ def test_lease_renewals_are_hot_updates(pg_settings):
     for epoch in range(500):
         assert jobs.renew_lease(db, job.id, "w1", job.attempt, 60, progress={"epoch": epoch, "batch": 3}).held
     db.dispose()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30
     while (after := updates())[0] - before[0] < 500 and time.monotonic() < deadline:
         time.sleep(0.5)
     total, hot = after[0] - before[0], after[1] - before[1]
     assert total >= 500
-    assert hot / total >= 0.9, f"only {hot} of {total} lease renewals were HOT updates"
+    # With an index on a column the renewal writes, none is HOT. Without, all are on a quiet server (500 of
+    # 500 seen here); a snapshot held elsewhere can keep a full page from being pruned and cost a few.
+    assert hot / total >= 0.8, f"only {hot} of {total} lease renewals were HOT updates"
     print(f"\n{hot} of {total} lease renewals were HOT")
 
 

@@ -119,7 +119,7 @@ def authenticate(db: Database, secret: str) -> Principal:
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         raise Unauthorized("That is not a Trainyard token.")
     with db.read_scope() as s:  # a web request's session: the view reads on the same connection
-        row = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(secret)))
+        row = s.execute(select(*ApiToken.__table__.c).where(ApiToken.token_hash == hash_token(secret))).first()
         return _principal(s, row)
 
 
@@ -129,7 +129,8 @@ def principal_for_token(db: Database, token_id: int) -> Principal:
         return _principal(s, s.get(ApiToken, token_id))
 
 
-def _principal(s, row: ApiToken | None) -> Principal:
+def _principal(s, row) -> Principal:
+    """The principal of a token row (an ORM object or a Core row), stamping its last use now and then."""
     now = utcnow()
     if row is None:
         raise Unauthorized("Unknown token.")

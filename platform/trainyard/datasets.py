@@ -115,8 +115,8 @@ def list_datasets(db: Database) -> list[DatasetView]:
 
 
 def get_dataset(db: Database, name: str) -> DatasetView:
-    with db.read_scope() as s:
-        row = s.scalar(select(Dataset).where(Dataset.name == name))
+    with db.read_scope() as s:  # a Core row: read on every submit, and its view needs no copy
+        row = s.execute(select(*Dataset.__table__.c).where(Dataset.name == name)).first()
         if row is None:
             known = ", ".join(s.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
             raise NotFound(f"No dataset named {name!r} is registered (registered: {known}).")
