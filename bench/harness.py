@@ -5,6 +5,8 @@ A script runs as `python bench/bench_NN_name.py [--quick] [--repeats N]` (its fo
 imports this module as `harness`). It builds a platform callable and a baseline callable, each performing
 one repetition and returning one value (images/s, seconds, requests/s, ...), and calls `compare`, which
 runs them interleaved (A,B then B,A, ...) so background load on a shared machine hits both sides alike.
+`compare_many` does the same for one platform side against several baselines (e.g. a hand-written one and a
+bare one), running the platform once per repetition.
 
 The ratio is always the median over repetitions of platform / baseline, the two values of a repetition
 measured back to back (close to platform median / baseline median, but immune to the machine's drift
@@ -150,6 +152,53 @@ def compare(measure: str, label: str, platform: Callable[[], float], baseline: C
     return result
 
 
+def compare_many(measure: str, platform: Callable[[], float], baselines: dict[str, Callable[[], float]], *,
+                 repeats: int, unit: str, higher_is_better: bool = True, warmup: int = 1,
+                 names: dict[str, str] | None = None) -> dict[str, Result]:
+    """`compare` with one platform side against several baselines, keyed by the label of each one's Result.
+
+    Every repetition runs the platform and each baseline once, in an order rotated (and reversed every other
+    repetition) from one repetition to the next, so drift hits all sides alike; the Result of each label pairs
+    the platform's repetition i with that baseline's repetition i. The platform runs once per repetition, not
+    once per baseline (what makes a three-way dispatch benchmark affordable). `names` gives the progress
+    lines a short name per label (default: the label)."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    sides: dict[str, Callable[[], float]] = {"platform": platform, **baselines}
+    shown = {"platform": "platform", **{label: (names or {}).get(label, label) for label in baselines}}
+    keys = list(sides)
+    for _ in range(warmup):
+        for name in keys:
+            t0 = time.perf_counter()
+            value = sides[name]()
+            print(f"  [{measure}] warm-up  {value:12.4g} {unit} {shown[name]} "
+                  f"({time.perf_counter() - t0:.1f}s, not recorded)", flush=True)
+    taken: dict[str, list[Sample]] = {name: [] for name in keys}
+    for index in range(repeats):
+        shift = index % len(keys)
+        order = keys[shift:] + keys[:shift]
+        if index % 2:
+            order.reverse()
+        for name in order:
+            started_at = time.time()
+            t0 = time.perf_counter()
+            value = float(sides[name]())
+            side = "platform" if name == "platform" else "baseline"
+            taken[name].append(Sample(side, index, value, time.perf_counter() - t0, started_at))
+            print(f"  [{measure}] rep {index + 1}/{repeats} {value:12.4g} {unit} {shown[name]}", flush=True)
+    plat = [s.value for s in taken["platform"]]
+    results: dict[str, Result] = {}
+    for label in baselines:
+        base = [s.value for s in taken[label]]
+        result = Result(measure=measure, label=label, unit=unit, higher_is_better=higher_is_better, repeats=repeats,
+                        samples=sorted(taken["platform"] + taken[label], key=lambda s: s.started_at),
+                        platform_median=statistics.median(plat), platform_min=min(plat), platform_max=max(plat),
+                        baseline_median=statistics.median(base), baseline_min=min(base), baseline_max=max(base))
+        print(summary_lines(result), flush=True)
+        results[label] = result
+    return results
+
+
 def summary_lines(result: Result) -> str:
     r = result
     return "\n".join([
@@ -206,11 +255,14 @@ def results_path(day: _dt.date | None = None) -> Path:
     return RESULTS_DIR / f"{(day or _dt.date.today()).isoformat()}.json"
 
 
-def report(result: Result, target: str, met: bool | None, note: str = "", *, script: str | None = None) -> dict:
+def report(result: Result, target: str, met: bool | None, note: str = "", *, script: str | None = None,
+           information: bool = False) -> dict:
     """Print the table row (ratio last) and append the result to bench/results/<today>.json.
 
-    `met` is True/False against `target`, or None when the target does not apply (skipped)."""
-    status = "skipped" if met is None else ("MET" if met else "NOT MET")
+    `met` is True/False against `target`, or None when the target does not apply (skipped). `information`
+    (with met None) marks a row kept for context beside the one the target applies to, e.g. a bare baseline
+    that a revised target replaced with a hand-written one: its status reads "information", not "skipped"."""
+    status = ("information" if information else "skipped") if met is None else ("MET" if met else "NOT MET")
     extra = "  ".join(f"{k}={_fmt(v)}" for k, v in result.extra.items())
     print(f"| {result.measure} | {result.label} | platform {result.platform_median:.4g} "
           f"[{result.platform_min:.4g}–{result.platform_max:.4g}] | baseline {result.baseline_median:.4g} "
