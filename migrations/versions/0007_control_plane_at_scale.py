@@ -1,5 +1,5 @@
 """The control plane at scale: a claim index over waiting jobs only, in the claim's order; tallies of jobs per
-(queue, status) and of finished attempts' durations, kept by triggers; the job's history written by a trigger
+(queue, status) (spread over 16 rows each) and of finished attempts' durations, kept by triggers; the job's history written by a trigger
 from `job.status_reason`, so a transition is one statement; no index on a column a heartbeat writes.
 
 Revision ID: 0007_control_plane_at_scale
@@ -23,9 +23,13 @@ SECONDS = {
     "postgresql": "EXTRACT(EPOCH FROM {r}.finished_at - {r}.started_at)::float8",
     "sqlite": "(julianday({r}.finished_at) - julianday({r}.started_at)) * 86400.0",
 }
-TALLY_UP = ("INSERT INTO job_tally (queue, status, n) VALUES (NEW.queue, NEW.status, 1) "
-            "ON CONFLICT (queue, status) DO UPDATE SET n = job_tally.n + 1")
-TALLY_DOWN = "UPDATE job_tally SET n = n - 1 WHERE queue = OLD.queue AND status = OLD.status"
+# Each (queue, status) count is spread over SHARDS rows, the job's id picking one: concurrent claims in one queue
+# would otherwise all wait for the same two rows' locks until they commit. Readers add the shards up.
+SHARDS = 16
+TALLY_UP = (f"INSERT INTO job_tally (queue, status, shard, n) VALUES (NEW.queue, NEW.status, NEW.id % {SHARDS}, 1) "
+            "ON CONFLICT (queue, status, shard) DO UPDATE SET n = job_tally.n + 1")
+TALLY_DOWN = (f"UPDATE job_tally SET n = n - 1 WHERE queue = OLD.queue AND status = OLD.status "
+              f"AND shard = OLD.id % {SHARDS}")
 EVENT = ("INSERT INTO job_event (job_id, at, from_status, to_status, attempt, message) "
          "VALUES (NEW.id, {at}, {from_status}, NEW.status, NEW.attempt, COALESCE(NEW.status_reason, ''))")
 
@@ -54,7 +58,8 @@ BEGIN
   IF NEW.status IS NOT DISTINCT FROM OLD.status AND NEW.queue IS NOT DISTINCT FROM OLD.queue THEN
     RETURN NULL;
   END IF;
-  -- The two tally rows in one global order, so two transitions never wait on each other in a cycle.
+  -- The two tally rows (same shard: the job's) in one global order, so two transitions never wait on each
+  -- other in a cycle.
   IF (OLD.queue, OLD.status) < (NEW.queue, NEW.status) THEN
     {TALLY_DOWN};
     {TALLY_UP};
@@ -90,8 +95,9 @@ def upgrade() -> None:
         "job_tally",
         sa.Column("queue", sa.String(100), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("shard", sa.Integer(), nullable=False),
         sa.Column("n", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("queue", "status", name=op.f("pk_job_tally")),
+        sa.PrimaryKeyConstraint("queue", "status", "shard", name=op.f("pk_job_tally")),
     )
     op.create_table(
         "job_duration_tally",
@@ -110,7 +116,8 @@ def upgrade() -> None:
     op.create_index("ix_job_architecture_id", "job", ["architecture", "id"])
     op.create_index("ix_job_claim", "job", ["queue", sa.text("priority DESC"), "id"],
                     postgresql_where=sa.text("status = 'QUEUED'"), sqlite_where=sa.text("status = 'QUEUED'"))
-    op.execute("INSERT INTO job_tally (queue, status, n) SELECT queue, status, count(*) FROM job GROUP BY queue, status")
+    op.execute(f"INSERT INTO job_tally (queue, status, shard, n) SELECT queue, status, id % {SHARDS}, count(*) "
+               f"FROM job GROUP BY queue, status, id % {SHARDS}")
     seconds = SECONDS[dialect].format(r="j")
     op.execute(f"INSERT INTO job_duration_tally (kind, status, le, n, sum_seconds) "
                f"SELECT j.kind, j.status, b.le, count(*), sum({seconds}) FROM job AS j, ({BOUNDS}) AS b "

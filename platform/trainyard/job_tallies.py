@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, select, text
 
 from trainyard.db import Database
-from trainyard.models import INF_BOUND, Job, JobDurationTally, JobTally
+from trainyard.models import INF_BOUND, TALLY_SHARDS, Job, JobDurationTally, JobTally
 from trainyard.platform_metrics import DURATION_BUCKETS
 
 
@@ -28,7 +28,8 @@ def check(db: Database) -> TallyCheck:
     with db.read_scope() as s:
         counted = {(q, st): n for q, st, n in s.execute(
             select(Job.queue, Job.status, func.count()).group_by(Job.queue, Job.status))}
-        kept = {(q, st): n for q, st, n in s.execute(select(JobTally.queue, JobTally.status, JobTally.n)) if n}
+        kept = {(q, st): int(n) for q, st, n in s.execute(select(JobTally.queue, JobTally.status, func.sum(JobTally.n))
+                                                      .group_by(JobTally.queue, JobTally.status)) if n}
     return TallyCheck(counted=counted, kept=kept)
 
 
@@ -42,8 +43,8 @@ def recount(db: Database) -> TallyCheck:
             s.execute(text("LOCK TABLE job_tally, job_duration_tally IN EXCLUSIVE MODE"))
         s.execute(delete(JobTally))
         s.execute(delete(JobDurationTally))
-        s.execute(text("INSERT INTO job_tally (queue, status, n) SELECT queue, status, count(*) FROM job "
-                       "GROUP BY queue, status"))
+        s.execute(text(f"INSERT INTO job_tally (queue, status, shard, n) SELECT queue, status, id % {TALLY_SHARDS}, "
+                       f"count(*) FROM job GROUP BY queue, status, id % {TALLY_SHARDS}"))
         s.execute(text(
             f"INSERT INTO job_duration_tally (kind, status, le, n, sum_seconds) "
             f"SELECT j.kind, j.status, b.le, count(*), sum({seconds}) FROM job AS j, ({bounds}) AS b "

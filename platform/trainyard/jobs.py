@@ -180,24 +180,31 @@ def list_jobs(
 ) -> JobPage:
     """Newest first; keyset pagination on id so a page costs the same at 1,000 or 1,000,000 jobs.
 
-    Several statuses are read one index range each and merged: `status IN (...) ORDER BY id` would sort
-    every match."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    The page's ids come first, from one index (status, dataset or architecture, then id) read backwards with
+    nothing but ids: asked for whole rows, PostgreSQL may walk the primary key instead, filtering every row
+    it passes, which costs the whole backlog when the matches are old. Several statuses are read one index
+    range each and merged: `status IN (...) ORDER BY id` would sort every match."""
+    job = Job.__table__
+    ids_query = select(job.c.id).order_by(job.c.id.desc()).limit(limit + 1)
     if dataset:
-        query = query.where(Job.dataset == dataset)
+        ids_query = ids_query.where(job.c.dataset == dataset)
     if architecture:
-        query = query.where(Job.architecture == architecture)
+        ids_query = ids_query.where(job.c.architecture == architecture)
     if ids:
-        query = query.where(Job.id.in_([i for i in ids if 0 < i <= MAX_ID]))
+        ids_query = ids_query.where(job.c.id.in_([i for i in ids if 0 < i <= MAX_ID]))
     if before is not None:
-        query = query.where(Job.id < before)
+        ids_query = ids_query.where(job.c.id < before)
+    rows_of = select(*job.c).order_by(job.c.id.desc())
     with db.read_scope() as s:
-        if len(set(statuses)) > 1 and not ids:
-            rows = sorted((row for status in set(statuses) for row in s.scalars(query.where(Job.status == status))),
-                          key=lambda row: row.id, reverse=True)[:limit + 1]
+        if len(set(statuses)) > 1:
+            page_ids = sorted((i for status in set(statuses)
+                               for i in s.scalars(ids_query.where(job.c.status == status))), reverse=True)[:limit + 1]
+            rows = s.execute(rows_of.where(job.c.id.in_(page_ids))).all() if page_ids else []
         else:
-            rows = s.scalars(query.where(Job.status.in_(list(statuses))) if statuses else query).all()
-        items = [_view(r) for r in rows[:limit]]
+            if statuses:
+                ids_query = ids_query.where(job.c.status == statuses[0])
+            rows = s.execute(rows_of.where(job.c.id.in_(ids_query.scalar_subquery()))).all()
+    items = [_view(r) for r in rows[:limit]]
     return JobPage(items, items[-1].id if len(rows) > limit else None)
 
 

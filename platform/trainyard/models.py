@@ -151,13 +151,19 @@ class JobEvent(Base):
 
 class JobTally(Base):
     """How many jobs each (queue, status) holds, kept by database triggers on every insert, status change and
-    delete of a job (migration 0007): queue depths and /metrics read a few rows whatever the backlog."""
+    delete of a job (migration 0007): queue depths and /metrics read a few rows whatever the backlog. A count
+    is spread over TALLY_SHARDS rows (the job's id modulo) so concurrent claims do not queue for one row's
+    lock; readers sum the shards."""
 
     __tablename__ = "job_tally"
 
     queue: Mapped[str] = mapped_column(String(100), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+TALLY_SHARDS = 16  # as migration 0007's triggers spread them
 
 
 class JobDurationTally(Base):

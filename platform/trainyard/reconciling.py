@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from trainyard import worker_registry
 from trainyard.db import Database
@@ -101,8 +101,8 @@ def _wake_stalled_queues(db: Database, dispatch: Dispatch, now: datetime, resend
                          wakeups: WakeUps, stale_after_seconds: float,
                          just_requeued: set[int]) -> tuple[dict[str, int], list[int]]:
     with db.read_scope() as s:
-        waiting = s.execute(select(JobTally.queue, JobTally.n)
-                            .where(JobTally.status == JobStatus.QUEUED, JobTally.n > 0)).all()
+        waiting = s.execute(select(JobTally.queue, func.sum(JobTally.n)).where(JobTally.status == JobStatus.QUEUED)
+                            .group_by(JobTally.queue).having(func.sum(JobTally.n) > 0)).all()
         heads = {}
         for queue, n in waiting:
             last = wakeups.sent_at.get(queue)
@@ -114,7 +114,7 @@ def _wake_stalled_queues(db: Database, dispatch: Dispatch, now: datetime, resend
             # The head of a queue is taken first by any claim: untouched for `resend_after`, nothing in this
             # queue has been claimed since, so its messages may be lost.
             if head is not None and head.updated_at < now - resend_after and head.id not in just_requeued:
-                heads[queue] = (head.id, head.priority, n)
+                heads[queue] = (head.id, head.priority, int(n))
     if not heads:
         return {}, []
     idle = worker_registry.idle_workers_by_queue(db, stale_after_seconds=stale_after_seconds)
