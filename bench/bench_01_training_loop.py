@@ -4,7 +4,7 @@ logging on, vs a bare hand-written PyTorch loop over the same in-memory data; on
 What runs on the platform side (in this process, interleaved with the baseline):
 
 - a real job row in a real platform database (SQLite under a temp dir), submitted through
-  `jobs.submit_job` and claimed with `jobs.claim_job`, exactly as a worker claims it;
+  `jobs.submit_job` and claimed with `leases.claim_job`, exactly as a worker claims it;
 - the engine's `LeaseKeeper` renewing that lease (and storing progress) from its thread every
   `heartbeat_seconds`, as in `engine._run_claimed`;
 - a real MLflow run (`JobRun.start`, local SQLite store) with the system-metrics monitor and a `MetricBuffer`
@@ -112,7 +112,7 @@ class Platform:
         self.db: Database = self.ctx.db
 
     def start_job(self, architecture: str, dataset: str, batch_size: int):
-        from trainyard import jobs
+        from trainyard import jobs, leases
         from trainyard.specs import JobSpec
         from trainyard.tracking import JobRun, MetricBuffer
         from trainyard_workers.engine import LeaseKeeper
@@ -120,7 +120,7 @@ class Platform:
         spec = JobSpec.model_validate({"kind": "train", "dataset": dataset, "architecture": architecture,
                                        "params": {"epochs": 1000, "batch_size": batch_size}})
         submitted = jobs.submit_job(self.db, spec, lambda *a, **k: None, settings=self.settings, owner="bench")
-        job = jobs.claim_job(self.db, submitted.id, self.ctx.worker_id, self.settings.lease_seconds)
+        job = leases.claim_job(self.db, submitted.id, self.ctx.worker_id, self.settings.lease_seconds)
         lease = LeaseKeeper(self.ctx, job).__enter__()
         run = JobRun.start(self.settings, job_id=job.id, name=job.name, spec=job.spec,
                            tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind})

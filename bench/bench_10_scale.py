@@ -17,7 +17,7 @@ Each database is served by its own real web app under gunicorn (2 workers × 4 t
 requests go one at a time on a keep-alive connection (API: a viewer's bearer token; UI: logged in through
 the login form). What is measured, one latency per operation:
 
-- claim: `jobs.claim_job(most_urgent=True)` in this process (queues in turn), each claim followed (untimed)
+- claim: `leases.claim_job(most_urgent=True)` in this process (queues in turn), each claim followed (untimed)
   by `jobs.release_job`, so the backlog keeps its size;
 - GET /api/v1/jobs/{id} of a QUEUED job (50 picked across the backlog), with its `waiting` block;
 - GET /api/v1/jobs?dataset=X (the 5 datasets in turn) and ?architecture=X;
@@ -274,12 +274,12 @@ def noop(*_args) -> None:
 
 
 def claim_op(side: Side) -> Callable[[int], float]:
-    from trainyard import jobs
+    from trainyard import jobs, leases
 
     def op(i: int) -> float:
         queue = QUEUES[i % len(QUEUES)]
         t0 = time.perf_counter()
-        job = jobs.claim_job(side.db, side.queue_member[queue], f"bench-claimer@{side.name}", 60.0, most_urgent=True)
+        job = leases.claim_job(side.db, side.queue_member[queue], f"bench-claimer@{side.name}", 60.0, most_urgent=True)
         elapsed = time.perf_counter() - t0
         if job is None or job.queue != queue:
             raise RuntimeError(f"{side.name}: claim in {queue} returned {job}")

@@ -6,7 +6,7 @@ the triggers on (each gets its submitted event and its tally). 64 threads, relea
 until a claim returns None; one repetition's value is claims/s (5,000 / wall time from release to the last
 thread's end). Connections are opened before the clock starts and closed after, on both sides.
 
-- platform: `trainyard.jobs.claim_job(db, <a job of the queue>, worker, 60, most_urgent=True)`, one
+- platform: `trainyard.leases.claim_job(db, <a job of the queue>, worker, 60, most_urgent=True)`, one
   `trainyard.db.Database` shared by the 64 threads (a pool of 64 connections, as 64 worker processes would
   each hold one);
 - baseline: the UPDATE a competent engineer writes by hand, through one raw psycopg autocommit connection
@@ -49,7 +49,7 @@ LEASE_SECONDS = 60
 
 SPEC = {"kind": "train", "dataset": "digits", "architecture": "cnn", "params": {"epochs": 2}}
 
-# The platform's columns on a claim (jobs.claim_job), written out by hand.
+# The platform's columns on a claim (leases.claim_job), written out by hand.
 BARE_PG_CLAIM = (
     "UPDATE job SET status = 'RUNNING', status_reason = %(reason)s, attempt = attempt + 1, lease_owner = %(owner)s, "
     "lease_expires_at = now() + make_interval(secs => %(lease)s), started_at = now(), error = NULL, "
@@ -209,7 +209,7 @@ def warm_pool(db, threads: int) -> None:
 def postgres_sides(url: str, repeats: int) -> tuple[harness.Result, harness.Result, dict[str, Tally]]:
     """The platform, the hand-written claim, and (information) the hand-written claim with the job triggers
     off; returns (platform vs hand-written, platform vs triggers off, tallies by side)."""
-    from trainyard import jobs
+    from trainyard import leases
     from trainyard.db import Database
 
     admin = Database(url, pool_size=2, max_overflow=0)  # seeding and checks
@@ -230,7 +230,7 @@ def postgres_sides(url: str, repeats: int) -> tuple[harness.Result, harness.Resu
 
             def claim_fn(index: int) -> Callable[[], int | None]:
                 def claim() -> int | None:
-                    job = jobs.claim_job(db, result.first_id, f"claimer-{index}@bench", LEASE_SECONDS,
+                    job = leases.claim_job(db, result.first_id, f"claimer-{index}@bench", LEASE_SECONDS,
                                          most_urgent=True)
                     return None if job is None else job.id
                 return claim
@@ -295,7 +295,7 @@ def postgres_sides(url: str, repeats: int) -> tuple[harness.Result, harness.Resu
 def sqlite_side(path, repeats: int) -> tuple[harness.Result, Tally, Tally]:
     from datetime import timedelta
 
-    from trainyard import jobs
+    from trainyard import leases
     from trainyard.db import Database, upgrade_schema
     from trainyard.models import utcnow
 
@@ -319,7 +319,7 @@ def sqlite_side(path, repeats: int) -> tuple[harness.Result, Tally, Tally]:
 
             def claim_fn(index: int) -> Callable[[], int | None]:
                 def claim() -> int | None:
-                    job = jobs.claim_job(db, result.first_id, f"claimer-{index}@bench", LEASE_SECONDS,
+                    job = leases.claim_job(db, result.first_id, f"claimer-{index}@bench", LEASE_SECONDS,
                                          most_urgent=True)
                     return None if job is None else job.id
                 return claim

@@ -19,7 +19,7 @@ import pytest
 from psycopg import pq
 from sqlalchemy import event, func, insert, select, text, update
 
-from trainyard import job_tallies, jobs, reconciling, worker_registry
+from trainyard import job_tallies, jobs, leases, reconciling, worker_registry
 from trainyard.datasets import ensure_builtin_datasets
 from trainyard.db import Database, upgrade_schema
 from trainyard.models import Job, JobEvent, JobStatus, utcnow
@@ -132,12 +132,12 @@ def test_round_trips_of_the_hot_paths(pg_settings):
     job_id = response.get_json()["id"]
     post_trips = n
 
-    claimed, n, sent = counted(lambda: jobs.claim_job(db, job_id, "w1", 60, most_urgent=True))
+    claimed, n, sent = counted(lambda: leases.claim_job(db, job_id, "w1", 60, most_urgent=True))
     assert claimed is not None and claimed.status == "RUNNING"
     assert n == 1, f"a claim took {n} round trips: {sent}"
     claim_trips = n
 
-    state, n, sent = counted(lambda: jobs.renew_lease(db, claimed.id, "w1", claimed.attempt, 60,
+    state, n, sent = counted(lambda: leases.renew_lease(db, claimed.id, "w1", claimed.attempt, 60,
                                                       progress={"epoch": 1, "epochs": 1}))
     assert state.held
     assert n == 1, f"a lease renewal took {n} round trips: {sent}"
@@ -194,7 +194,7 @@ def drain(db: Database, hint: int, claimers: int) -> tuple[list[int], list[int],
         try:
             barrier.wait()
             while True:
-                job = jobs.claim_job(db, hint, f"w{index}", 60, most_urgent=True)
+                job = leases.claim_job(db, hint, f"w{index}", 60, most_urgent=True)
                 if job is None:
                     with db.read_scope() as s:
                         left = s.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED))
@@ -243,7 +243,7 @@ def test_claims_take_the_highest_priority_then_the_oldest(db):
     low = seed_queued(db, 3, priorities=(0,))
     normal = seed_queued(db, 3, queue="other", priorities=(1,))  # another queue: never taken from here
     high = seed_queued(db, 2, priorities=(2,))
-    taken = [jobs.claim_job(db, low[-1], "w", 60, most_urgent=True) for _ in range(6)]
+    taken = [leases.claim_job(db, low[-1], "w", 60, most_urgent=True) for _ in range(6)]
     assert [j.id for j in taken[:5]] == [*high, *low]
     assert taken[5] is None and normal  # the other queue's jobs still wait
 
@@ -295,7 +295,7 @@ def test_reconciler_pass_over_100k_stale_queued_jobs_sends_a_bounded_number(pg_s
 def test_lease_renewals_are_hot_updates(pg_settings):
     db = Database(pg_settings.database_url)
     seed_queued(db, 200)  # neighbours on the same pages, as in a real table
-    job = jobs.claim_job(db, seed_queued(db, 1, queue="gpu")[0], "w1", 60)
+    job = leases.claim_job(db, seed_queued(db, 1, queue="gpu")[0], "w1", 60)
     name = pg_settings.database_url.rsplit("/", 1)[1]
 
     def updates() -> tuple[int, int]:
@@ -307,7 +307,7 @@ def test_lease_renewals_are_hot_updates(pg_settings):
     time.sleep(1.5)
     before = updates()
     for epoch in range(500):
-        assert jobs.renew_lease(db, job.id, "w1", job.attempt, 60, progress={"epoch": epoch, "batch": 3}).held
+        assert leases.renew_lease(db, job.id, "w1", job.attempt, 60, progress={"epoch": epoch, "batch": 3}).held
     db.dispose()
     deadline = time.monotonic() + 30
     while (after := updates())[0] - before[0] < 500 and time.monotonic() < deadline:
@@ -329,7 +329,7 @@ def test_tallies_follow_every_transition_and_recount_agrees(db, tmp_path):
     spec = JobSpec.model_validate(SPEC)
     noop = lambda *_: None  # noqa: E731
     ids = [jobs.submit_job(db, spec, noop, settings=settings).id for _ in range(8)]
-    a, b, c, d = (jobs.claim_job(db, i, "w", 60) for i in ids[:4])
+    a, b, c, d = (leases.claim_job(db, i, "w", 60) for i in ids[:4])
     jobs.finish_job(db, a.id, a.attempt, {}, {})
     jobs.fail_job(db, b.id, b.attempt, "boom")
     jobs.request_cancel(db, ids[5])

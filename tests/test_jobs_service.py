@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from trainyard import jobs, reconciling
+from trainyard import jobs, leases, reconciling
 from trainyard.config import Settings
 from trainyard.datasets import ensure_builtin_datasets
 from trainyard.errors import Conflict, InvalidSpec, NotFound
@@ -59,10 +59,10 @@ def test_message_is_sent_only_after_the_row_is_committed(platform_db, dispatch, 
 
 def test_claim_is_compare_and_set(platform_db, dispatch, settings):
     job = jobs.submit_job(platform_db, SPEC, dispatch, settings=settings)
-    first = jobs.claim_job(platform_db, job.id, "w1", 30)
+    first = leases.claim_job(platform_db, job.id, "w1", 30)
     assert first is not None and first.status == "RUNNING" and first.attempt == 1 and first.lease_owner == "w1"
     assert first.lease_expires_at > utcnow() + timedelta(seconds=20)
-    assert jobs.claim_job(platform_db, job.id, "w2", 30) is None  # a second delivery does nothing
+    assert leases.claim_job(platform_db, job.id, "w2", 30) is None  # a second delivery does nothing
     assert [(e.from_status, e.to_status, e.attempt) for e in jobs.get_job(platform_db, job.id).events] == [
         (None, "QUEUED", 0), ("QUEUED", "RUNNING", 1)]
 
@@ -74,7 +74,7 @@ def test_concurrent_claims_have_one_winner(platform_db, dispatch, settings):
 
     def claim(name: str) -> None:
         barrier.wait()
-        if jobs.claim_job(platform_db, job.id, name, 30) is not None:
+        if leases.claim_job(platform_db, job.id, name, 30) is not None:
             winners.append(name)
 
     threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(8)]
@@ -89,14 +89,14 @@ def test_concurrent_claims_have_one_winner(platform_db, dispatch, settings):
 
 
 def test_lease_renewal_progress_and_cancel_flag(platform_db, dispatch, settings):
-    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
-    state = jobs.renew_lease(platform_db, job.id, "w1", job.attempt, 30, progress={"epoch": 1, "epochs": 2})
+    job = leases.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
+    state = leases.renew_lease(platform_db, job.id, "w1", job.attempt, 30, progress={"epoch": 1, "epochs": 2})
     assert state.held and not state.cancel_requested
     assert jobs.get_job(platform_db, job.id).progress == {"epoch": 1, "epochs": 2}
-    assert not jobs.renew_lease(platform_db, job.id, "intruder", job.attempt, 30).held
+    assert not leases.renew_lease(platform_db, job.id, "intruder", job.attempt, 30).held
     cancelled = jobs.request_cancel(platform_db, job.id)
     assert cancelled.status == "RUNNING" and cancelled.cancel_requested
-    assert jobs.renew_lease(platform_db, job.id, "w1", job.attempt, 30).cancel_requested
+    assert leases.renew_lease(platform_db, job.id, "w1", job.attempt, 30).cancel_requested
     assert jobs.request_cancel(platform_db, job.id).cancel_requested  # asking twice is harmless
     assert jobs.mark_cancelled(platform_db, job.id, job.attempt)
     final = jobs.get_job(platform_db, job.id)
@@ -105,7 +105,7 @@ def test_lease_renewal_progress_and_cancel_flag(platform_db, dispatch, settings)
 
 
 def test_outcomes_are_guarded_by_attempt(platform_db, dispatch, settings):
-    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
+    job = leases.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
     assert not jobs.finish_job(platform_db, job.id, job.attempt + 1, {"val_accuracy": 1.0}, {})  # stale attempt
     assert jobs.finish_job(platform_db, job.id, job.attempt, {"val_accuracy": 0.97}, {"epoch": 2, "epochs": 2})
     assert not jobs.fail_job(platform_db, job.id, job.attempt, "late failure")  # already finished
@@ -116,7 +116,7 @@ def test_outcomes_are_guarded_by_attempt(platform_db, dispatch, settings):
 
 
 def test_failure_records_the_error(platform_db, dispatch, settings):
-    job = jobs.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
+    job = leases.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
     assert jobs.fail_job(platform_db, job.id, job.attempt, "RuntimeError: boom\n\ntraceback...")
     final = jobs.get_job(platform_db, job.id)
     assert final.status == "FAILED" and final.error.startswith("RuntimeError: boom")
@@ -135,14 +135,14 @@ def test_unknown_dataset_and_job(platform_db, dispatch, settings):
 
 def running_job(db, dispatch, settings, lease_seconds: float = 30):
     job = jobs.submit_job(db, SPEC, dispatch, settings=settings)
-    return jobs.claim_job(db, job.id, "w1", lease_seconds)
+    return leases.claim_job(db, job.id, "w1", lease_seconds)
 
 
 def test_reconciler_requeues_expired_leases_and_spares_live_ones(platform_db, dispatch, settings):
     lost = running_job(platform_db, dispatch, settings)
     alive = running_job(platform_db, dispatch, settings)
     later = utcnow() + timedelta(seconds=31)
-    jobs.renew_lease(platform_db, alive.id, "w1", alive.attempt, 60)  # a late heartbeat keeps it
+    leases.renew_lease(platform_db, alive.id, "w1", alive.attempt, 60)  # a late heartbeat keeps it
     sent = queue_length(dispatch)
     assert reconciling.requeue_lost_jobs(platform_db, dispatch, now=later) == [lost.id]
     assert queue_length(dispatch) == sent + 1
@@ -150,13 +150,13 @@ def test_reconciler_requeues_expired_leases_and_spares_live_ones(platform_db, di
     assert requeued.status == "QUEUED" and requeued.lease_owner is None and requeued.attempt == 1
     assert requeued.events[-1].message.startswith("lease expired (worker w1 lost)")
     assert jobs.get_job(platform_db, alive.id).status == "RUNNING"
-    again = jobs.claim_job(platform_db, lost.id, "w2", 30)
+    again = leases.claim_job(platform_db, lost.id, "w2", 30)
     assert again.attempt == 2  # the next claim is a new attempt
 
 
 def test_reconciler_fails_jobs_out_of_attempts_and_honours_cancel(platform_db, dispatch, settings):
     spent = jobs.submit_job(platform_db, SPEC.model_copy(update={"max_attempts": 1}), dispatch, settings=settings)
-    jobs.claim_job(platform_db, spent.id, "w1", 30)
+    leases.claim_job(platform_db, spent.id, "w1", 30)
     cancelled = running_job(platform_db, dispatch, settings)
     jobs.request_cancel(platform_db, cancelled.id)
     later = utcnow() + timedelta(seconds=31)
@@ -179,7 +179,7 @@ def test_release_and_retry(platform_db, dispatch, settings):
     assert jobs.release_job(platform_db, job.id, job.attempt, "worker stopped; re-queued", dispatch)
     released = jobs.get_job(platform_db, job.id)
     assert released.status == "QUEUED" and released.max_attempts == job.max_attempts + 1  # not a spent attempt
-    job = jobs.claim_job(platform_db, job.id, "w2", 30)
+    job = leases.claim_job(platform_db, job.id, "w2", 30)
     jobs.request_cancel(platform_db, job.id)
     assert not jobs.release_job(platform_db, job.id, job.attempt, "stopping", dispatch)
     assert jobs.get_job(platform_db, job.id).status == "CANCELLED"  # a cancel wins over a hand-back

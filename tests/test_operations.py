@@ -13,7 +13,7 @@ import pytest
 from conftest import authed_client, make_settings, make_token, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text, update
-from trainyard import job_logs, jobs, worker_registry
+from trainyard import job_logs, jobs, leases, worker_registry
 from trainyard.cli import app as cli
 from trainyard.db import Database, upgrade_schema
 from trainyard.models import Job, JobStatus, Worker, utcnow
@@ -36,7 +36,7 @@ def submit(db, settings, queue: str, gpus: int = 1) -> int:
 def run_for(db, job_id: int, seconds: float, end) -> None:
     """Claim the job, back-date its start by `seconds`, and end it with `end`: the duration tally counts
     the run time it sees at that transition."""
-    job = jobs.claim_job(db, job_id, "w1", 60)
+    job = leases.claim_job(db, job_id, "w1", 60)
     with db.session_scope() as s:
         s.execute(update(Job).where(Job.id == job_id).values(started_at=utcnow() - timedelta(seconds=seconds)))
     assert end(db, job.id, job.attempt)
@@ -70,8 +70,8 @@ def test_metrics_equal_what_the_database_says(ops_settings):
         run_for(db, ids["cpu"][1], 45.0, finish)
         run_for(db, ids["cpu"][2], 4000.0, lambda d, j, a: jobs.fail_job(d, j, a, "RuntimeError: boom"))
         run_for(db, ids["gpu.h100"][0], 700.0, jobs.mark_cancelled)
-        jobs.claim_job(db, ids["cpu"][3], "w1", 60)  # RUNNING
-        jobs.claim_job(db, ids["gpu.h100"][1], "w2", 60)  # RUNNING
+        leases.claim_job(db, ids["cpu"][3], "w1", 60)  # RUNNING
+        leases.claim_job(db, ids["gpu.h100"][1], "w2", 60)  # RUNNING
         jobs.request_cancel(db, ids["cpu"][4])  # cancelled while queued: it never ran, so no duration
 
         gpu = "NVIDIA H100 80GB HBM3"

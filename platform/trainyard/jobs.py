@@ -7,11 +7,10 @@ racing for one job can never both win, the history is complete, and a transition
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +79,8 @@ class JobPage:
     next_before: int | None  # pass as `before` for the next (older) page; None on the last page
 
 
-@dataclass(frozen=True)
-class LeaseState:
-    held: bool
-    cancel_requested: bool
-
-
-def _view(row: Any, events: Sequence[Any] = ()) -> JobView:
+def job_view(row: Any, events: Sequence[Any] = ()) -> JobView:
+    """The view of a job row (ORM object or Core row) and its event rows."""
     return to_view(JobView, row, events=[to_view(JobEventView, e) for e in events],
                    priority=PRIORITY_NAMES.get(row.priority, "normal"))
 
@@ -138,7 +132,7 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
             metrics={},
             owner=owner,
         )]).one()
-        submitted = _view(job, [JobEvent(at=job.created_at, from_status=None, to_status=JobStatus.QUEUED, attempt=0,
+        submitted = job_view(job, [JobEvent(at=job.created_at, from_status=None, to_status=JobStatus.QUEUED, attempt=0,
                                          message=message)])
     try:
         dispatch(submitted.id, submitted.queue, job.priority)
@@ -166,7 +160,7 @@ def get_job(db: Database, job_id: int) -> JobView:
         if row is None:
             raise NotFound(f"No job with id {job_id}.")
         events = s.execute(_EVENTS_OF_JOB, {"job_id": job_id}).all()
-    return _view(row, events)
+    return job_view(row, events)
 
 
 _JOB_BY_ID = select(*Job.__table__.c).where(Job.__table__.c.id == bindparam("job_id"))
@@ -204,83 +198,8 @@ def list_jobs(
             if statuses:
                 ids_query = ids_query.where(job.c.status == statuses[0])
             rows = s.execute(rows_of.where(job.c.id.in_(ids_query.scalar_subquery()))).all()
-    items = [_view(r) for r in rows[:limit]]
+    items = [job_view(r) for r in rows[:limit]]
     return JobPage(items, items[-1].id if len(rows) > limit else None)
-
-
-def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float, *,
-              most_urgent: bool = False, worker_label: str | None = None) -> JobView | None:
-    """QUEUED → RUNNING with attempt + 1 and a lease, in one statement; None if nothing is claimable.
-
-    With `most_urgent` (what a worker does with a message), the job claimed is the most urgent one waiting
-    in `job_id`'s queue: highest priority first, then the oldest. A message is then only a wake-up: priority
-    holds on every broker, and every job runs once whichever message arrives. On PostgreSQL the candidate is
-    picked `FOR UPDATE SKIP LOCKED`, so concurrent claimers each take a different job instead of racing for
-    the head and retrying; SQLite runs one writing statement at a time. A claim returns None only when no
-    job is waiting that another claim is not already taking. `worker_label` names the worker in the
-    history (its Celery node name), `worker` is the lease owner. The view has no events (none are read).
-    """
-    if not 0 < job_id <= MAX_ID:
-        return None
-    now = utcnow()
-    with db.read_scope() as s:
-        row = s.execute(_claim_statement(most_urgent), {
-            "hint": job_id, "reason": f"started on {worker_label or worker}", "lease_to": worker,
-            "expires": now + timedelta(seconds=lease_seconds), "now": now,
-        }).first()
-    return None if row is None else _view(row)
-
-
-@functools.cache
-def _claim_statement(most_urgent: bool):
-    """Built once: the claim is the workers' hottest statement, and building it costs more than running it.
-    Core, not the ORM's bulk UPDATE: the answer is one row, turned into a view."""
-    job = Job.__table__
-    if most_urgent:
-        queue = select(job.c.queue).where(job.c.id == bindparam("hint")).scalar_subquery()
-        candidate = (select(job.c.id).where(job.c.queue == queue, job.c.status == JobStatus.QUEUED)
-                     .order_by(job.c.priority.desc(), job.c.id).limit(1)
-                     .with_for_update(skip_locked=True).scalar_subquery())
-    else:
-        candidate = bindparam("hint")
-    return (
-        update(job)
-        .where(job.c.id == candidate, job.c.status == JobStatus.QUEUED)
-        .values(status=JobStatus.RUNNING, status_reason=bindparam("reason"), attempt=job.c.attempt + 1,
-                lease_owner=bindparam("lease_to"), lease_expires_at=bindparam("expires", type_=Job.lease_expires_at.type),
-                started_at=bindparam("now", type_=Job.started_at.type), error=None,
-                updated_at=bindparam("now", type_=Job.updated_at.type))
-        .returning(*job.c)
-    )
-
-
-def job_leased_by(db: Database, worker: str) -> JobView | None:
-    """The job this worker process holds the lease of, if any (one process runs one job at a time)."""
-    with db.read_scope() as s:
-        job_id = s.scalar(select(Job.id).where(Job.status == JobStatus.RUNNING, Job.lease_owner == worker)
-                          .order_by(Job.id.desc()).limit(1))
-    return None if job_id is None else get_job(db, job_id)
-
-
-def renew_lease(
-    db: Database, job_id: int, worker: str, attempt: int, lease_seconds: float,
-    progress: dict[str, Any] | None = None,
-) -> LeaseState:
-    """Extend the lease (and store the latest progress) if this worker still holds it: one statement that
-    touches no indexed column, so PostgreSQL updates the row in place (HOT)."""
-    now = utcnow()
-    values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
-    if progress is not None:
-        values["progress"] = progress
-    with db.read_scope() as s:
-        cancel = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt,
-                   Job.lease_owner == worker)
-            .values(**values)
-            .returning(Job.cancel_requested)
-        ).scalar_one_or_none()
-    return LeaseState(held=cancel is not None, cancel_requested=bool(cancel))
 
 
 def record_progress(

@@ -24,7 +24,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from trainyard import jobs
+from trainyard import jobs, leases
 from trainyard.jobs import JobView
 from trainyard.models import JobStatus
 
@@ -73,18 +73,18 @@ def call_db(fn: Callable[..., T], *args: Any, patience: float = OUTAGE_PATIENCE_
 
 
 def claim(db, job_id: int, worker: str, lease_seconds: float, worker_label: str | None = None) -> JobView | None:
-    """`jobs.claim_job` of the most urgent job in `job_id`'s queue, retried. A try that won but whose answer
+    """`leases.claim_job` of the most urgent job in `job_id`'s queue, retried. A try that won but whose answer
     was lost leaves a job RUNNING under this very worker (one process per job), so that job is ours."""
     tries = 0
 
     def claim_job() -> JobView | None:
         nonlocal tries
         tries += 1
-        return jobs.claim_job(db, job_id, worker, lease_seconds, most_urgent=True, worker_label=worker_label)
+        return leases.claim_job(db, job_id, worker, lease_seconds, most_urgent=True, worker_label=worker_label)
 
     job = call_db(claim_job)
     if job is None and tries > 1:
-        return call_db(jobs.job_leased_by, db, worker)
+        return call_db(leases.job_leased_by, db, worker)
     return job
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 import torch
 
-from trainyard import jobs, worker_registry
+from trainyard import jobs, leases, worker_registry
 from trainyard.config import Settings
 from trainyard.db import Database
 from trainyard.jobs import JobView
@@ -103,7 +103,7 @@ class LeaseKeeper:
                 # Backing off no further than one beat: once the database is back the lease must be
                 # renewed at once, before it runs out.
                 state = call_db(
-                    jobs.renew_lease, self._ctx.db, self._job.id, self._ctx.worker_id, self._job.attempt,
+                    leases.renew_lease, self._ctx.db, self._job.id, self._ctx.worker_id, self._job.attempt,
                     settings.lease_seconds, progress=dict(self.progress),
                     patience=settings.lease_seconds, max_backoff=settings.beat_seconds, stopped=self._stopped,
                 )
