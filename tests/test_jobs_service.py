@@ -189,3 +189,24 @@ def test_release_and_retry(platform_db, dispatch, settings):
         jobs.retry_job(platform_db, job.id, dispatch)
     with pytest.raises(NotFound):
         jobs.retry_job(platform_db, 2**70, dispatch)
+
+
+def test_a_job_is_read_with_its_whole_history_in_order(platform_db, dispatch, settings):
+    """get_job reads the job and its history in one statement (a JSON array): the same times, to the
+    microsecond and in UTC, and the same order as the job_event rows."""
+    from trainyard.models import JobEvent
+
+    job = jobs.submit_job(platform_db, SPEC, dispatch, settings=settings, owner="ann")
+    claimed = leases.claim_job(platform_db, job.id, "w1", 60)
+    jobs.finish_job(platform_db, job.id, claimed.attempt, {"val_accuracy": 0.5}, {"epoch": 2, "epochs": 2})
+    view = jobs.get_job(platform_db, job.id)
+    with platform_db.read_scope() as s:
+        rows = s.execute(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)).scalars().all()
+        expected = [(r.at, r.from_status, r.to_status, r.attempt, r.message) for r in rows]
+    got = [(e.at, e.from_status, e.to_status, e.attempt, e.message) for e in view.events]
+    assert got == expected and len(got) == 3
+    assert [e.to_status for e in view.events] == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    assert all(e.at.utcoffset() == timedelta(0) for e in view.events)
+    assert view.metrics == {"val_accuracy": 0.5} and view.priority == "normal"
+    with pytest.raises(NotFound):
+        jobs.get_job(platform_db, job.id + 1000)

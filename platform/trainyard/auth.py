@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from trainyard.db import Database
 from trainyard.errors import Conflict, Forbidden, InvalidSpec, NotFound, Unauthorized
 from trainyard.models import ApiToken, to_view, utcnow
+from trainyard.statements import Statement
 
 TOKEN_PREFIX = "ty_"
 BOOTSTRAP_USER = "admin"
@@ -118,29 +119,50 @@ def authenticate(db: Database, secret: str) -> Principal:
         raise Unauthorized("Send a token: `Authorization: Bearer <token>` (see `trainyard tokens create`).")
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         raise Unauthorized("That is not a Trainyard token.")
-    with db.read_scope() as s:  # a web request's session: the view reads on the same connection
-        row = s.execute(select(*ApiToken.__table__.c).where(ApiToken.token_hash == hash_token(secret))).first()
-        return _principal(s, row)
+    with db.connection() as conn:  # a web request's connection: the view reads on it too
+        row = _TOKEN_BY_HASH.first(conn, token_hash=hash_token(secret))
+        principal = _principal(row)
+        if _stale_use(row):
+            _TOUCH_TOKEN.rowcount(conn, token_id=row.id, now=utcnow())
+        return principal
 
 
 def principal_for_token(db: Database, token_id: int) -> Principal:
     """The principal behind a token id (a UI session remembers the id, never the secret)."""
-    with db.read_scope() as s:
-        return _principal(s, s.get(ApiToken, token_id))
+    if not 0 < token_id < 2**63:
+        raise Unauthorized("Unknown token.")
+    with db.connection() as conn:
+        row = _TOKEN_BY_ID.first(conn, token_id=token_id)
+        principal = _principal(row)
+        if _stale_use(row):
+            _TOUCH_TOKEN.rowcount(conn, token_id=row.id, now=utcnow())
+        return principal
 
 
-def _principal(s, row) -> Principal:
-    """The principal of a token row (an ORM object or a Core row), stamping its last use now and then."""
-    now = utcnow()
+_TOKEN_COLUMNS = [ApiToken.__table__.c[name] for name in
+                  ("id", "user", "role", "prefix", "revoked_at", "expires_at", "last_used_at")]
+_TOKEN_BY_HASH = Statement("token_by_hash", select(*_TOKEN_COLUMNS).where(
+    ApiToken.__table__.c.token_hash == bindparam("token_hash")))
+_TOKEN_BY_ID = Statement("token_by_id", select(*_TOKEN_COLUMNS).where(
+    ApiToken.__table__.c.id == bindparam("token_id")))
+_TOUCH_TOKEN = Statement("touch_token", update(ApiToken.__table__).where(
+    ApiToken.__table__.c.id == bindparam("token_id")).values(last_used_at=bindparam("now")))
+
+
+def _principal(row) -> Principal:
+    """The principal of a token row; 401 for none, a revoked or an expired one."""
     if row is None:
         raise Unauthorized("Unknown token.")
     if row.revoked_at is not None:
         raise Unauthorized(f"Token {row.prefix}… was revoked.")
-    if row.expires_at <= now:
+    if row.expires_at <= utcnow():
         raise Unauthorized(f"Token {row.prefix}… expired at {row.expires_at:%Y-%m-%d %H:%M} UTC.")
-    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
-        s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
     return Principal(user=row.user, role=Role(row.role), token_id=row.id)
+
+
+def _stale_use(row) -> bool:
+    """Whether the token's `last_used_at` is worth a write (at most one a minute per token)."""
+    return row.last_used_at is None or utcnow() - row.last_used_at > LAST_USED_RESOLUTION
 
 
 def list_tokens(db: Database, *, user: str | None = None) -> list[TokenView]:

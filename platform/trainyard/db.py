@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,10 +60,11 @@ def create_db_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10) ->
 
 class Database:
     """One engine and its session factories: `session_scope()` for a transaction, `read_scope()` for
-    statements that stand alone; services touch the database through these two only.
+    statements that stand alone, `connection()` for the hot statements of `trainyard.statements`; services
+    touch the database through these only.
 
-    Inside `request_scope()` (one web request), every `read_scope()` shares the request's session, so
-    authentication and the view use one connection and no BEGIN/COMMIT is sent for reads.
+    Inside `request_scope()` (one web request), `read_scope()` and `connection()` share the request's one
+    connection, so authentication and the view read on it and no BEGIN/COMMIT is sent for reads.
     """
 
     def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 10) -> None:
@@ -72,9 +73,10 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # The same pool in autocommit mode (a client-side switch on checkout, no round trip): a read sends only
         # its SELECT, and a single-statement write (the claim, a heartbeat) commits as it runs.
-        self._statements = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
-                                        expire_on_commit=False)
-        self._request: ContextVar[Session | None] = ContextVar(f"trainyard-request-session-{id(self)}", default=None)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._statements = sessionmaker(self._autocommit, expire_on_commit=False)
+        self._request: ContextVar[_RequestConnection | None] = ContextVar(
+            f"trainyard-request-connection-{id(self)}", default=None)
 
     @property
     def dialect(self) -> str:
@@ -99,7 +101,7 @@ class Database:
         write that is one statement. Inside `request_scope()` it is the request's session."""
         shared = self._request.get()
         if shared is not None:
-            yield shared
+            yield shared.session()
             return
         session = self._statements()
         try:
@@ -108,18 +110,62 @@ class Database:
             session.close()
 
     @contextmanager
-    def request_scope(self) -> Iterator[Session]:
-        """One session for everything `read_scope()` does until the block ends (a web request)."""
-        session = self._statements()
-        token = self._request.set(session)
+    def connection(self) -> Iterator[Connection]:
+        """An autocommit connection for `trainyard.statements`; inside `request_scope()`, the request's."""
+        shared = self._request.get()
+        if shared is not None:
+            yield shared.connection()
+            return
+        with self._autocommit.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def request_scope(self) -> Iterator[None]:
+        """One connection, checked out when first used, for everything `read_scope()` and `connection()` do
+        until the block ends (a web request)."""
+        shared = _RequestConnection(self._autocommit)
+        token = self._request.set(shared)
         try:
-            yield session
+            yield
         finally:
             self._request.reset(token)
-            session.close()
+            shared.close()
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class _RequestConnection:
+    """A web request's connection (autocommit), and a session bound to it, each made when first asked for."""
+
+    __slots__ = ("_engine", "_connection", "_session")
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._connection: Connection | None = None
+        self._session: Session | None = None
+
+    def connection(self) -> Connection:
+        if self._connection is None or self._connection.invalidated:
+            if self._connection is not None:
+                self.close()
+            self._connection = self._engine.connect()
+        return self._connection
+
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = Session(bind=self.connection(), expire_on_commit=False)
+        return self._session
+
+    def close(self) -> None:
+        session, connection = self._session, self._connection
+        self._session = self._connection = None
+        try:
+            if session is not None:
+                session.close()
+        finally:
+            if connection is not None:
+                connection.close()
 
 
 def alembic_config(url: str) -> AlembicConfig:
