@@ -10,7 +10,7 @@ from pathlib import Path
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from trainyard.archives import Limits, safe_extract
@@ -18,6 +18,7 @@ from trainyard.db import Database
 from trainyard.errors import Conflict, InvalidSpec, NotFound
 from trainyard.ml.datasets import BUILTIN_DATASETS, FORMATS, DatasetScan
 from trainyard.models import Dataset, to_view
+from trainyard.statements import Statement
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,17 @@ def list_datasets(db: Database) -> list[DatasetView]:
 
 
 def get_dataset(db: Database, name: str) -> DatasetView:
-    with db.read_scope() as s:  # a Core row: read on every submit, and its view needs no copy
-        row = s.execute(select(*Dataset.__table__.c).where(Dataset.name == name)).first()
-        if row is None:
+    with db.connection() as conn:  # read on every submit: precompiled, and its view needs no copy
+        row = _DATASET_BY_NAME.first(conn, name=name)
+    if row is None:
+        with db.read_scope() as s:
             known = ", ".join(s.scalars(select(Dataset.name).order_by(Dataset.name))) or "none"
-            raise NotFound(f"No dataset named {name!r} is registered (registered: {known}).")
-        return to_view(DatasetView, row)
+        raise NotFound(f"No dataset named {name!r} is registered (registered: {known}).")
+    return to_view(DatasetView, row)
+
+
+_DATASET_BY_NAME = Statement("dataset_by_name", select(*Dataset.__table__.c).where(
+    Dataset.__table__.c.name == bindparam("name")))
 
 
 def register_uploaded_dataset(db: Database, roots: Sequence[Path], *, name: str, format: str, archive: Path,

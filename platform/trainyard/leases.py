@@ -4,7 +4,6 @@ hottest statements; everything else a job goes through is in `trainyard.jobs`.""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -14,6 +13,7 @@ from sqlalchemy import bindparam, select, update
 from trainyard.db import Database
 from trainyard.jobs import MAX_ID, JobView, get_job, job_view
 from trainyard.models import Job, JobStatus, utcnow
+from trainyard.statements import Statement
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,15 @@ def claim_job(db: Database, job_id: int, worker: str, lease_seconds: float, *,
     if not 0 < job_id <= MAX_ID:
         return None
     now = utcnow()
-    with db.read_scope() as s:
-        row = s.execute(_claim_statement(most_urgent), {
-            "hint": job_id, "reason": f"started on {worker_label or worker}", "lease_to": worker,
-            "expires": now + timedelta(seconds=lease_seconds), "now": now,
-        }).first()
+    with db.connection() as conn:
+        row = (_CLAIM_MOST_URGENT if most_urgent else _CLAIM_THIS).first(
+            conn, hint=job_id, reason=f"started on {worker_label or worker}", lease_to=worker,
+            expires=now + timedelta(seconds=lease_seconds), now=now)
     return None if row is None else job_view(row)
 
 
-@functools.cache
 def _claim_statement(most_urgent: bool):
-    """Built once: the claim is the workers' hottest statement, and building it costs more than running it.
-    Core, not the ORM's bulk UPDATE: the answer is one row, turned into a view."""
+    """The claim, the workers' hottest statement: precompiled (trainyard.statements), its row turned into a view."""
     job = Job.__table__
     if most_urgent:
         queue = select(job.c.queue).where(job.c.id == bindparam("hint")).scalar_subquery()
@@ -68,6 +65,10 @@ def _claim_statement(most_urgent: bool):
     )
 
 
+_CLAIM_MOST_URGENT = Statement("claim_most_urgent", _claim_statement(True))
+_CLAIM_THIS = Statement("claim_this", _claim_statement(False))
+
+
 def job_leased_by(db: Database, worker: str) -> JobView | None:
     """The job this worker process holds the lease of, if any (one process runs one job at a time)."""
     with db.read_scope() as s:
@@ -83,15 +84,28 @@ def renew_lease(
     """Extend the lease (and store the latest progress) if this worker still holds it: one statement that
     touches no indexed column, so PostgreSQL updates the row in place (HOT)."""
     now = utcnow()
-    values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
-    if progress is not None:
-        values["progress"] = progress
-    with db.read_scope() as s:
-        cancel = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempt == attempt,
-                   Job.lease_owner == worker)
+    params = {"job_id": job_id, "attempt": attempt, "worker": worker, "now": now,
+              "expires": now + timedelta(seconds=lease_seconds)}
+    with db.connection() as conn:
+        if progress is None:
+            row = _RENEW.first(conn, **params)
+        else:
+            row = _RENEW_WITH_PROGRESS.first(conn, **params, progress=progress)
+    return LeaseState(held=row is not None, cancel_requested=bool(row and row.cancel_requested))
+
+
+def _renewal(with_progress: bool):
+    job = Job.__table__
+    values: dict[str, Any] = {"lease_expires_at": bindparam("expires", type_=Job.lease_expires_at.type),
+                              "updated_at": bindparam("now", type_=Job.updated_at.type)}
+    if with_progress:
+        values["progress"] = bindparam("progress", type_=Job.progress.type)
+    return (update(job)
+            .where(job.c.id == bindparam("job_id"), job.c.status == JobStatus.RUNNING,
+                   job.c.attempt == bindparam("attempt"), job.c.lease_owner == bindparam("worker"))
             .values(**values)
-            .returning(Job.cancel_requested)
-        ).scalar_one_or_none()
-    return LeaseState(held=cancel is not None, cancel_requested=bool(cancel))
+            .returning(job.c.cancel_requested))
+
+
+_RENEW = Statement("renew_lease", _renewal(False))
+_RENEW_WITH_PROGRESS = Statement("renew_lease_with_progress", _renewal(True))
