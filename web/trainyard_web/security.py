@@ -57,6 +57,13 @@ class _SessionInterface(SecureCookieSessionInterface):
     def get_cookie_secure(self, app) -> bool:
         return bool(app.config["SESSION_COOKIE_SECURE"] or request.is_secure)
 
+    def open_session(self, app, request):
+        # No cookie (every API call, a first visit): an empty session without building the signer, which costs
+        # as much as a database read on the API's hottest route. One is built if the session is written.
+        if self.get_cookie_name(app) not in request.cookies:
+            return self.session_class()
+        return super().open_session(app, request)
+
 
 class SweptMemoryStorage(MemoryStorage):
     """limits' in-process counters, without a thread started per rate-limited request.
@@ -153,6 +160,9 @@ def install(app: APIFlask, body_limits: dict[str, int], *, token_cache_seconds: 
 
     limiter = Limiter(get_remote_address, app=app, storage_uri=rate_limit_storage_uri(settings.rate_limit_storage_uri),
                       headers_enabled=True, key_prefix="trainyard")
+    # Flask-Limiter checks default and application-wide limits before every request. Trainyard sets none: the
+    # limited views (login, predict) check their own limits in their decorators, so that hook only costs time.
+    app.before_request_funcs[None].remove(limiter._check_request_limit)
     return limiter
 
 
