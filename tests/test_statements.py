@@ -111,3 +111,15 @@ def test_a_dropped_connection_invalidates_it_as_sqlalchemy_would(db):
         assert caught.value.connection_invalidated
     with db.connection() as conn:  # the pool hands out a live one next
         assert JOB_BY_ID.first(conn, job_id=job_id).id == job_id
+
+
+def test_many_rows_in_one_batch(db):
+    from trainyard import job_logs
+
+    job_id = _insert_job(db)
+    at = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    job_logs.append(db, job_id, 1, [(at + timedelta(seconds=i), f"line {i}") for i in range(50)])
+    job_logs.append(db, job_id, 1, [])
+    lines = job_logs.read(db, job_id)
+    assert [line.line for line in lines] == [f"line {i}" for i in range(50)]
+    assert lines[7].at == at + timedelta(seconds=7) and lines[7].attempt == 1

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
 
 from trainyard.db import Database
 from trainyard.models import JobLogLine
+from trainyard.statements import Statement
 
 MAX_LINE = 4000
 
@@ -28,9 +29,13 @@ class LogLine:
 def append(db: Database, job_id: int, attempt: int, lines: Sequence[tuple[datetime, str]]) -> None:
     if not lines:
         return
-    with db.read_scope() as s:  # one multi-row INSERT
-        s.execute(insert(JobLogLine), [{"job_id": job_id, "attempt": attempt, "at": at, "line": line[:MAX_LINE]}
-                                       for at, line in lines])
+    with db.connection() as conn:  # precompiled, the rows batched by the driver: a worker writes this every beat
+        _APPEND.executemany(conn, [{"job_id": job_id, "attempt": attempt, "at": at, "line": line[:MAX_LINE]}
+                                   for at, line in lines])
+
+
+_APPEND = Statement("append_log_line", insert(JobLogLine.__table__).values(
+    {name: bindparam(name, type_=JobLogLine.__table__.c[name].type) for name in ("job_id", "attempt", "at", "line")}))
 
 
 def read(db: Database, job_id: int, *, after: int = 0, limit: int = 1000) -> list[LogLine]:

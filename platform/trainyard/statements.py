@@ -67,6 +67,13 @@ class Statement:
         compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
         return self._execute(conn, compiled, params, lambda cursor: cursor.rowcount)
 
+    def executemany(self, conn: Connection, rows: list[Mapping[str, Any]]) -> None:
+        """Run a statement without RETURNING once per parameter set, as the driver batches it (psycopg
+        pipelines the rows: one round trip)."""
+        compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
+        bound = [compiled.bind(row) for row in rows]
+        self._execute(conn, compiled, rows[0] if rows else {}, lambda cursor: None, many=bound)
+
     def _run(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
         compiled = self._compiled.get(conn.dialect.name) or self._compile(conn.dialect)
         make_row = compiled.make_row
@@ -75,12 +82,16 @@ class Statement:
         rows = self._execute(conn, compiled, params, lambda cursor: cursor.fetchall())
         return [make_row(row) for row in rows]
 
-    def _execute(self, conn: Connection, compiled: _Compiled, params: Mapping[str, Any], fetch: Callable) -> Any:
+    def _execute(self, conn: Connection, compiled: _Compiled, params: Mapping[str, Any], fetch: Callable, *,
+                 many: list | None = None) -> Any:
         dialect = conn.dialect
         driver = conn.connection.driver_connection
         cursor = driver.cursor()
         try:
-            cursor.execute(compiled.sql, compiled.bind(params))
+            if many is not None:
+                cursor.executemany(compiled.sql, many)
+            else:
+                cursor.execute(compiled.sql, compiled.bind(params))
             return fetch(cursor)
         except dialect.loaded_dbapi.Error as exc:
             if dialect.is_disconnect(exc, driver, cursor):
