@@ -257,6 +257,23 @@ def record_progress(
         return result.rowcount == 1
 
 
+def record_run(db: Database, job_id: int, attempt: int, mlflow_run_id: str) -> bool:
+    """Store a running attempt's MLflow run (what a resumed attempt continues); False if it no longer runs.
+    Precompiled: every job's start writes it."""
+    with db.connection() as conn:
+        return _RECORD_RUN.rowcount(conn, job_id=job_id, attempt=attempt, run_id=mlflow_run_id, now=utcnow()) == 1
+
+
+def _running_attempt(statement):
+    job = Job.__table__
+    return statement.where(job.c.id == bindparam("job_id"), job.c.status == JobStatus.RUNNING,
+                           job.c.attempt == bindparam("attempt"))
+
+
+_RECORD_RUN = Statement("record_run", _running_attempt(update(Job.__table__)).values(
+    mlflow_run_id=bindparam("run_id"), updated_at=bindparam("now", type_=Job.__table__.c.updated_at.type)))
+
+
 def note_event(db: Database, job_id: int, attempt: int, message: str) -> bool:
     """Add a note to a running attempt's history (e.g. "fell back to an older checkpoint").
 
@@ -279,7 +296,23 @@ def _end_running(db: Database, job_id: int, attempt: int, to: JobStatus, message
 
 
 def finish_job(db: Database, job_id: int, attempt: int, metrics: dict[str, Any], progress: dict[str, Any]) -> bool:
-    return _end_running(db, job_id, attempt, JobStatus.SUCCEEDED, "finished", metrics=metrics, progress=progress)
+    """RUNNING → SUCCEEDED for this attempt, with its final metrics and progress; False if it had moved on.
+    Precompiled: every job ends here (`_end_running` does the rarer outcomes)."""
+    with db.connection() as conn:
+        return _FINISH.rowcount(conn, job_id=job_id, attempt=attempt, metrics=metrics, progress=progress,
+                                now=utcnow()) == 1
+
+
+def _finish():
+    job = Job.__table__
+    now = bindparam("now", type_=job.c.updated_at.type)
+    return _running_attempt(update(job)).values(
+        status=JobStatus.SUCCEEDED, status_reason="finished", lease_owner=None, lease_expires_at=None,
+        finished_at=now, updated_at=now, metrics=bindparam("metrics", type_=job.c.metrics.type),
+        progress=bindparam("progress", type_=job.c.progress.type))
+
+
+_FINISH = Statement("finish_job", _finish())
 
 
 def fail_job(db: Database, job_id: int, attempt: int, error: str) -> bool:

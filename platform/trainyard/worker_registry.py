@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Integer, bindparam, func, select, update
 
 from trainyard.db import Database
 from trainyard.models import Job, JobStatus, JobTally, Worker, to_view, utcnow
+from trainyard.statements import Statement
 
 # A queued job's place is counted up to this many jobs ahead ("1000+"): an exact count would read the backlog.
 AHEAD_CAP = 1000
@@ -72,6 +73,19 @@ def heartbeat(db: Database, name: str, *, current_job: int | None | object = UNC
     values.update({column: value for column, value in given.items() if value is not UNCHANGED})
     with db.read_scope() as s:
         return s.execute(update(Worker).where(Worker.name == name).values(**values)).rowcount == 1
+
+
+def show_current_job(db: Database, name: str, job_id: int | None) -> bool:
+    """A heartbeat that says which job the worker runs now (None: idle); one precompiled statement, since a
+    worker sends two per job. False if the worker was never registered."""
+    with db.connection() as conn:
+        return _SHOW_CURRENT_JOB.rowcount(conn, name=name, job_id=job_id, now=utcnow()) == 1
+
+
+_SHOW_CURRENT_JOB = Statement("show_current_job", update(Worker.__table__)
+                              .where(Worker.__table__.c.name == bindparam("name"))
+                              .values(last_seen=bindparam("now", type_=Worker.__table__.c.last_seen.type),
+                                      stopped_at=None, current_job=bindparam("job_id", type_=Integer())))
 
 
 def worker_stopped(db: Database, name: str) -> None:

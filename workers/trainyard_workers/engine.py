@@ -145,7 +145,7 @@ def run_job(ctx: WorkerContext, job_id: int, worker_name: str | None = None) -> 
 def _show_current_job(ctx: WorkerContext, worker_name: str | None, job_id: int | None) -> None:
     if worker_name:
         try:
-            worker_registry.heartbeat(ctx.db, worker_name, current_job=job_id)
+            worker_registry.show_current_job(ctx.db, worker_name, job_id)
         except Exception:  # the registry is for people: never let it stop a job
             log.warning("could not record worker %s's current job", worker_name, exc_info=True)
 
@@ -164,7 +164,7 @@ def _run_claimed(ctx: WorkerContext, job: JobView, capture: JobLogCapture) -> No
             else:
                 run = JobRun.start(ctx.settings, job_id=job.id, name=job.name, spec=job.spec,
                                    tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind})
-                call_db(jobs.record_progress, ctx.db, job.id, job.attempt, mlflow_run_id=run.run_id)
+                call_db(jobs.record_run, ctx.db, job.id, job.attempt, run.run_id)
             metrics, progress = JOB_KINDS[job.kind](ctx, job, lease, run)
         except StopRequested:
             if lease.lease_lost.is_set():
