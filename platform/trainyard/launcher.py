@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -42,6 +43,8 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "TRAINYARD_MLFLOW_PORT": str(settings.mlflow_port),
         "TRAINYARD_QUEUE": settings.queue,
         "PYTHONUNBUFFERED": "1",
+        # MLflow's usage telemetry stays off in every part (see tracking.quiet_mlflow), the MLflow UI included.
+        "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
     }
 
 

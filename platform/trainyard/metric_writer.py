@@ -133,6 +133,9 @@ def serve(requests, answers, open_uris: Sequence[str] = ()) -> None:
     """The child: write each request's points with MLflow's client, answer each with one line."""
     from mlflow.tracking import MlflowClient
 
+    from trainyard.tracking import quiet_mlflow
+
+    quiet_mlflow()
     clients: dict[str, MlflowClient] = {}
     for uri in open_uris:  # set the store up (engine, schema check) before the first request needs it
         try:

@@ -20,20 +20,31 @@ from trainyard_workers import drain, engine, gpu_stats
 from trainyard_workers.presence import Presence
 
 log = logging.getLogger(__name__)
-CPU_JOBS_PER_PROCESS = 100
+CPU_JOBS_PER_PROCESS = 1000
 
 
 def jobs_per_process(settings: Settings) -> int:
     """How many jobs one pool process runs before a fresh one replaces it.
 
     On a GPU worker, one: the CUDA context, the caching allocator's memory and any tensor a job leaked go
-    with the process. Replacing a process costs about two seconds, nothing next to a GPU job, but it
-    dominated short CPU jobs (and the next job's start), so a CPU worker keeps its process warm, with its
-    imports, compile caches and database connections, and renews it now and then.
+    with the process. Replacing a process costs 1-5 s (billiard's exiting child sleeps a second, the parent
+    starts the next on its pool-maintenance tick), nothing next to a GPU job, but it dominated short CPU jobs
+    (25 ms a no-op job when it came every 100), so a CPU worker keeps its process warm, with its imports,
+    compile caches and database connections: it is renewed when a job leaves it holding too much memory
+    (`max_memory_kib`), and after 1,000 jobs at the latest.
     """
     if settings.jobs_per_process:
         return settings.jobs_per_process
     return 1 if uses_gpus(settings) else CPU_JOBS_PER_PROCESS
+
+
+def max_memory_kib(settings: Settings) -> int | None:
+    """Celery's worker_max_memory_per_child: a CPU worker's process is replaced after a job that leaves its
+    resident memory above TRAINYARD_WORKER_MAX_MEMORY_MB (what a large job's data and allocator caches keep);
+    None on a GPU worker (its process is replaced after every job) or when set to 0."""
+    if settings.worker_max_memory_mb == 0 or jobs_per_process(settings) == 1:
+        return None
+    return settings.worker_max_memory_mb * 1024
 
 
 def uses_gpus(settings: Settings) -> bool:
@@ -50,7 +61,8 @@ def create_celery_app(settings: Settings) -> Celery:
     app = Celery("trainyard")
     app.conf.update(celery_config(settings))
     # One job at a time per process; see jobs_per_process for how long a process lives.
-    app.conf.update(worker_concurrency=1, worker_max_tasks_per_child=jobs_per_process(settings))
+    app.conf.update(worker_concurrency=1, worker_max_tasks_per_child=jobs_per_process(settings),
+                    worker_max_memory_per_child=max_memory_kib(settings))
     app.steps["consumer"].add(drain.DrainStep)  # `python -m trainyard_workers drain`
     context = engine.WorkerContext(settings)
 
@@ -108,8 +120,12 @@ def _import_before_forking(**_) -> None:
     # A pool process is forked again and again (after every job on a GPU worker); importing MLflow's model
     # code here, once, in the parent saves each of them seconds of imports. Imports only: MLflow starts no
     # thread and opens no connection on import (checked), and CUDA is not touched, so forking stays safe.
+    from trainyard.tracking import quiet_mlflow
+
+    quiet_mlflow()  # before the pool processes fork: they inherit it
     import mlflow.models  # noqa: F401
     import mlflow.pytorch  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (the embedded store: 1-3 s a fresh process)
     import mlflow.tracking  # noqa: F401
 
     # Everything imported so far lives as long as the worker: out of the collector's sight, so no pool
