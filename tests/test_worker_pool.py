@@ -11,7 +11,7 @@ import pytest
 
 from trainyard.config import Settings
 from trainyard.gpus import Device, gpu_type
-from trainyard_workers.app import CPU_JOBS_PER_PROCESS, create_celery_app, jobs_per_process
+from trainyard_workers.app import CPU_JOBS_PER_PROCESS, create_celery_app, jobs_per_process, max_memory_kib
 from trainyard_workers.pool import PoolError, parse_indices, plan_workers
 from trainyard_web import create_app
 from trainyard.db import upgrade_schema
@@ -77,6 +77,19 @@ def test_a_pool_process_lives_one_gpu_job_or_many_cpu_jobs(monkeypatch, tmp_path
     settings = Settings(data_dir=tmp_path, simulated_gpus=simulated, jobs_per_process=configured)
     assert jobs_per_process(settings) == expected
     assert create_celery_app(settings).conf.worker_max_tasks_per_child == expected
+
+
+@pytest.mark.parametrize("simulated, configured, expected", [
+    (None, 2048, 2048 * 1024),  # a CPU worker: renewed when a job leaves it holding more than this
+    (None, 0, None),  # never
+    ("H100", 2048, None),  # a GPU worker's process goes after every job anyway
+])
+def test_a_cpu_pool_process_is_renewed_by_the_memory_a_job_leaves(monkeypatch, tmp_path, simulated, configured,
+                                                                  expected):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    settings = Settings(data_dir=tmp_path, simulated_gpus=simulated, worker_max_memory_mb=configured)
+    assert max_memory_kib(settings) == expected
+    assert create_celery_app(settings).conf.worker_max_memory_per_child == expected
 
 
 def test_the_pool_starts_pinned_named_processes_that_register(web_settings, tmp_path, monkeypatch):

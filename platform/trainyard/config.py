@@ -67,7 +67,9 @@ class Settings(BaseSettings):
         5.0, ge=0, description="the prediction server (`trainyard serve`) remembers a bearer token this long, "
                                "so a revocation reaches it within as long; 0 looks every token up every time")
     jobs_per_process: int = Field(0, ge=0, description="jobs a worker's pool process runs before a fresh one "
-                                                      "replaces it; 0 = 1 on a GPU worker, 100 on a CPU worker")
+                                                      "replaces it; 0 = 1 on a GPU worker, 1000 on a CPU worker")
+    worker_max_memory_mb: int = Field(2048, ge=0, description="a CPU worker's pool process is replaced after a job "
+                                                              "that leaves it holding more than this; 0 = never")
 
     @field_validator("login_rate_limit", "predict_rate_limit")
     @classmethod
