@@ -147,7 +147,7 @@ def where_time_goes(settings, db_url: str, job_id: int, headers: dict, *, n: int
 
 def _finished_job(settings) -> int:
     """A SUCCEEDED job made through the jobs service (submit → claim → finish), as a worker leaves it."""
-    from trainyard import jobs, leases
+    from trainyard import attempts, jobs, leases
     from trainyard.db import Database
     from trainyard.specs import JobSpec
 
@@ -157,7 +157,7 @@ def _finished_job(settings) -> int:
                                        "params": {"epochs": 5}})
         job = jobs.submit_job(db, spec, lambda *_: None, settings=settings, owner="bench")
         claimed = leases.claim_job(db, job.id, "bench:1", 60)
-        jobs.finish_job(db, job.id, claimed.attempt,
+        attempts.finish_job(db, job.id, claimed.attempt,
                         {"val_accuracy": 0.97, "val_loss": 0.1, "train_loss": 0.08, "test_accuracy": 0.96},
                         {"epoch": 5, "epochs": 5, "batch": 45, "batches": 45})
         return job.id

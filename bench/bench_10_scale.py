@@ -18,7 +18,7 @@ requests go one at a time on a keep-alive connection (API: a viewer's bearer tok
 the login form). What is measured, one latency per operation:
 
 - claim: `leases.claim_job(most_urgent=True)` in this process (queues in turn), each claim followed (untimed)
-  by `jobs.release_job`, so the backlog keeps its size;
+  by `attempts.release_job`, so the backlog keeps its size;
 - GET /api/v1/jobs/{id} of a QUEUED job (50 picked across the backlog), with its `waiting` block;
 - GET /api/v1/jobs?dataset=X (the 5 datasets in turn) and ?architecture=X;
 - GET /api/v1/jobs?status=FAILED and ?status=QUEUED;
@@ -274,7 +274,7 @@ def noop(*_args) -> None:
 
 
 def claim_op(side: Side) -> Callable[[int], float]:
-    from trainyard import jobs, leases
+    from trainyard import attempts, leases
 
     def op(i: int) -> float:
         queue = QUEUES[i % len(QUEUES)]
@@ -284,7 +284,7 @@ def claim_op(side: Side) -> Callable[[int], float]:
         if job is None or job.queue != queue:
             raise RuntimeError(f"{side.name}: claim in {queue} returned {job}")
         side.touched.add(job.id)
-        if not jobs.release_job(side.db, job.id, job.attempt, "put back by the benchmark", noop):
+        if not attempts.release_job(side.db, job.id, job.attempt, "put back by the benchmark", noop):
             raise RuntimeError(f"{side.name}: could not put job {job.id} back")
         return elapsed
     return op

@@ -19,7 +19,7 @@ import pytest
 from psycopg import pq
 from sqlalchemy import event, func, insert, select, text, update
 
-from trainyard import job_tallies, jobs, leases, reconciling, worker_registry
+from trainyard import attempts, job_tallies, jobs, leases, reconciling, worker_registry
 from trainyard.datasets import ensure_builtin_datasets
 from trainyard.db import Database, upgrade_schema
 from trainyard.models import Job, JobEvent, JobStatus, utcnow
@@ -330,10 +330,10 @@ def test_tallies_follow_every_transition_and_recount_agrees(db, tmp_path):
     noop = lambda *_: None  # noqa: E731
     ids = [jobs.submit_job(db, spec, noop, settings=settings).id for _ in range(8)]
     a, b, c, d = (leases.claim_job(db, i, "w", 60) for i in ids[:4])
-    jobs.finish_job(db, a.id, a.attempt, {}, {})
-    jobs.fail_job(db, b.id, b.attempt, "boom")
+    attempts.finish_job(db, a.id, a.attempt, {}, {})
+    attempts.fail_job(db, b.id, b.attempt, "boom")
     jobs.request_cancel(db, ids[5])
-    jobs.release_job(db, c.id, c.attempt, "stopping", noop)
+    attempts.release_job(db, c.id, c.attempt, "stopping", noop)
     jobs.retry_job(db, b.id, noop)
     reconciling.reconcile(db, noop, now=utcnow() + timedelta(minutes=2))  # d's lease has run out
     check = job_tallies.check(db)

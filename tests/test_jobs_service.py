@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from trainyard import jobs, leases, reconciling
+from trainyard import attempts, jobs, leases, reconciling
 from trainyard.config import Settings
 from trainyard.datasets import ensure_builtin_datasets
 from trainyard.errors import Conflict, InvalidSpec, NotFound
@@ -98,7 +98,7 @@ def test_lease_renewal_progress_and_cancel_flag(platform_db, dispatch, settings)
     assert cancelled.status == "RUNNING" and cancelled.cancel_requested
     assert leases.renew_lease(platform_db, job.id, "w1", job.attempt, 30).cancel_requested
     assert jobs.request_cancel(platform_db, job.id).cancel_requested  # asking twice is harmless
-    assert jobs.mark_cancelled(platform_db, job.id, job.attempt)
+    assert attempts.mark_cancelled(platform_db, job.id, job.attempt)
     final = jobs.get_job(platform_db, job.id)
     assert final.status == "CANCELLED" and final.lease_owner is None and final.finished_at
     assert [e.message for e in final.events][-2:] == ["cancel requested", "cancelled by request"]
@@ -106,9 +106,9 @@ def test_lease_renewal_progress_and_cancel_flag(platform_db, dispatch, settings)
 
 def test_outcomes_are_guarded_by_attempt(platform_db, dispatch, settings):
     job = leases.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
-    assert not jobs.finish_job(platform_db, job.id, job.attempt + 1, {"val_accuracy": 1.0}, {})  # stale attempt
-    assert jobs.finish_job(platform_db, job.id, job.attempt, {"val_accuracy": 0.97}, {"epoch": 2, "epochs": 2})
-    assert not jobs.fail_job(platform_db, job.id, job.attempt, "late failure")  # already finished
+    assert not attempts.finish_job(platform_db, job.id, job.attempt + 1, {"val_accuracy": 1.0}, {})  # stale attempt
+    assert attempts.finish_job(platform_db, job.id, job.attempt, {"val_accuracy": 0.97}, {"epoch": 2, "epochs": 2})
+    assert not attempts.fail_job(platform_db, job.id, job.attempt, "late failure")  # already finished
     final = jobs.get_job(platform_db, job.id)
     assert final.status == "SUCCEEDED" and final.metrics == {"val_accuracy": 0.97} and final.error is None
     with pytest.raises(Conflict, match="already SUCCEEDED"):
@@ -117,7 +117,7 @@ def test_outcomes_are_guarded_by_attempt(platform_db, dispatch, settings):
 
 def test_failure_records_the_error(platform_db, dispatch, settings):
     job = leases.claim_job(platform_db, jobs.submit_job(platform_db, SPEC, dispatch, settings=settings).id, "w1", 30)
-    assert jobs.fail_job(platform_db, job.id, job.attempt, "RuntimeError: boom\n\ntraceback...")
+    assert attempts.fail_job(platform_db, job.id, job.attempt, "RuntimeError: boom\n\ntraceback...")
     final = jobs.get_job(platform_db, job.id)
     assert final.status == "FAILED" and final.error.startswith("RuntimeError: boom")
     assert final.events[-1].message == "RuntimeError: boom"
@@ -176,12 +176,12 @@ def test_reconciler_resends_long_silent_queued_jobs(platform_db, dispatch, setti
 
 def test_release_and_retry(platform_db, dispatch, settings):
     job = running_job(platform_db, dispatch, settings)
-    assert jobs.release_job(platform_db, job.id, job.attempt, "worker stopped; re-queued", dispatch)
+    assert attempts.release_job(platform_db, job.id, job.attempt, "worker stopped; re-queued", dispatch)
     released = jobs.get_job(platform_db, job.id)
     assert released.status == "QUEUED" and released.max_attempts == job.max_attempts + 1  # not a spent attempt
     job = leases.claim_job(platform_db, job.id, "w2", 30)
     jobs.request_cancel(platform_db, job.id)
-    assert not jobs.release_job(platform_db, job.id, job.attempt, "stopping", dispatch)
+    assert not attempts.release_job(platform_db, job.id, job.attempt, "stopping", dispatch)
     assert jobs.get_job(platform_db, job.id).status == "CANCELLED"  # a cancel wins over a hand-back
     retried = jobs.retry_job(platform_db, job.id, dispatch)
     assert retried.status == "QUEUED" and retried.error is None and not retried.cancel_requested
@@ -198,7 +198,7 @@ def test_a_job_is_read_with_its_whole_history_in_order(platform_db, dispatch, se
 
     job = jobs.submit_job(platform_db, SPEC, dispatch, settings=settings, owner="ann")
     claimed = leases.claim_job(platform_db, job.id, "w1", 60)
-    jobs.finish_job(platform_db, job.id, claimed.attempt, {"val_accuracy": 0.5}, {"epoch": 2, "epochs": 2})
+    attempts.finish_job(platform_db, job.id, claimed.attempt, {"val_accuracy": 0.5}, {"epoch": 2, "epochs": 2})
     view = jobs.get_job(platform_db, job.id)
     with platform_db.read_scope() as s:
         rows = s.execute(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)).scalars().all()

@@ -13,7 +13,7 @@ import pytest
 from conftest import authed_client, make_settings, make_token, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text, update
-from trainyard import job_logs, jobs, leases, worker_registry
+from trainyard import attempts, job_logs, jobs, leases, worker_registry
 from trainyard.cli import app as cli
 from trainyard.db import Database, upgrade_schema
 from trainyard.models import Job, JobStatus, Worker, utcnow
@@ -65,11 +65,11 @@ def test_metrics_equal_what_the_database_says(ops_settings):
     try:
         ids = {q: [submit(db, ops_settings, q) for _ in range(n)] for q, n in (("cpu", 6), ("gpu.h100", 3))}
         ids["gpu.x2"] = [submit(db, ops_settings, "gpu", gpus=2)]
-        finish = lambda d, j, a: jobs.finish_job(d, j, a, {}, {})
+        finish = lambda d, j, a: attempts.finish_job(d, j, a, {}, {})
         run_for(db, ids["cpu"][0], 4.0, finish)
         run_for(db, ids["cpu"][1], 45.0, finish)
-        run_for(db, ids["cpu"][2], 4000.0, lambda d, j, a: jobs.fail_job(d, j, a, "RuntimeError: boom"))
-        run_for(db, ids["gpu.h100"][0], 700.0, jobs.mark_cancelled)
+        run_for(db, ids["cpu"][2], 4000.0, lambda d, j, a: attempts.fail_job(d, j, a, "RuntimeError: boom"))
+        run_for(db, ids["gpu.h100"][0], 700.0, attempts.mark_cancelled)
         leases.claim_job(db, ids["cpu"][3], "w1", 60)  # RUNNING
         leases.claim_job(db, ids["gpu.h100"][1], "w2", 60)  # RUNNING
         jobs.request_cancel(db, ids["cpu"][4])  # cancelled while queued: it never ran, so no duration

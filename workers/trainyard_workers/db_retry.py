@@ -24,7 +24,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from trainyard import jobs, leases
+from trainyard import attempts, jobs, leases
 from trainyard.jobs import JobView
 from trainyard.models import JobStatus
 
@@ -89,7 +89,7 @@ def claim(db, job_id: int, worker: str, lease_seconds: float, worker_label: str 
 
 
 def end_attempt(end: Callable[..., bool], db, job: JobView, to: JobStatus, *args: Any) -> bool:
-    """Run an end transition (`jobs.finish_job`, `fail_job`, `mark_cancelled`), retried; True if the job
+    """Run an end transition (`attempts.finish_job`, `fail_job`, `mark_cancelled`), retried; True if the job
     now sits in `to` at this attempt, even when it was an earlier try whose answer got lost that moved it."""
     if call_db(end, db, job.id, job.attempt, *args):
         return True

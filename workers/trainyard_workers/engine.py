@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 import torch
 
-from trainyard import jobs, leases, worker_registry
+from trainyard import attempts, leases, worker_registry
 from trainyard.config import Settings
 from trainyard.db import Database
 from trainyard.jobs import JobView
@@ -164,18 +164,18 @@ def _run_claimed(ctx: WorkerContext, job: JobView, capture: JobLogCapture) -> No
             else:
                 run = JobRun.start(ctx.settings, job_id=job.id, name=job.name, spec=job.spec,
                                    tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind})
-                call_db(jobs.record_run, ctx.db, job.id, job.attempt, run.run_id)
+                call_db(attempts.record_run, ctx.db, job.id, job.attempt, run.run_id)
             metrics, progress = JOB_KINDS[job.kind](ctx, job, lease, run)
         except StopRequested:
             if lease.lease_lost.is_set():
                 log.warning("job %s: lease lost; leaving the job to its new owner", job.id)
                 return
             if lease.cancel_requested.is_set():
-                if end_attempt(jobs.mark_cancelled, ctx.db, job, JobStatus.CANCELLED):
+                if end_attempt(attempts.mark_cancelled, ctx.db, job, JobStatus.CANCELLED):
                     _end_run(run, "KILLED")
                 return
             log.info("job %s: worker stopping; back to the queue to resume from its last checkpoint", job.id)
-            call_db(jobs.release_job, ctx.db, job.id, job.attempt, f"worker {ctx.worker_id} stopped; re-queued",
+            call_db(attempts.release_job, ctx.db, job.id, job.attempt, f"worker {ctx.worker_id} stopped; re-queued",
                     ctx.dispatch)
         except Exception as exc:
             if is_connection_error(exc):
@@ -186,10 +186,10 @@ def _run_claimed(ctx: WorkerContext, job: JobView, capture: JobLogCapture) -> No
             log.exception("job %s failed", job.id)
             # Only the attempt that still owns the job may close the run it shares with later attempts.
             error = f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"
-            if end_attempt(jobs.fail_job, ctx.db, job, JobStatus.FAILED, error):
+            if end_attempt(attempts.fail_job, ctx.db, job, JobStatus.FAILED, error):
                 _end_run(run, "FAILED")
         else:
-            if end_attempt(jobs.finish_job, ctx.db, job, JobStatus.SUCCEEDED, metrics, progress):
+            if end_attempt(attempts.finish_job, ctx.db, job, JobStatus.SUCCEEDED, metrics, progress):
                 _end_run(run, "FINISHED")
 
 

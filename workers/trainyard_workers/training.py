@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainyard import jobs
+from trainyard import attempts
 from trainyard.datasets import DatasetView, get_dataset
 from trainyard.jobs import JobView
 from trainyard.metric_writer import shared_writer
@@ -229,7 +229,7 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
             log.info("epoch %s/%s: %s", epoch, params.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items() if isinstance(v, float)))
             # Retried through a database outage: training waits here rather than log an unrecorded epoch.
-            if not call_db(jobs.record_progress, ctx.db, job.id, job.attempt, progress=progress, metrics=summary,
+            if not call_db(attempts.record_progress, ctx.db, job.id, job.attempt, progress=progress, metrics=summary,
                            checkpoint_path=str(checkpoint_path), checkpoint_sha256=sha, checkpoint_epoch=epoch):
                 lease.lease_lost.set()  # fenced off: another attempt owns the job now; write nothing more
                 remove_checkpoint(checkpoint_path)
@@ -295,7 +295,7 @@ def resume_state(ctx, job: JobView) -> ResumePoint | None:
     if point.rejected:
         unusable = "; ".join(point.rejected)
         where = f"fell back to the epoch-{epoch} checkpoint" if epoch else "no usable checkpoint; starting over"
-        call_db(jobs.note_event, ctx.db, job.id, job.attempt, f"checkpoint unusable ({unusable}); {where}"[:2000])
+        call_db(attempts.note_event, ctx.db, job.id, job.attempt, f"checkpoint unusable ({unusable}); {where}"[:2000])
     log.info("job %s attempt %s resumes from epoch %s", job.id, job.attempt, epoch)
     return point
 
@@ -350,4 +350,4 @@ def register_model(ctx, job: JobView, spec: JobSpec, run: JobRun, model_uri: str
         tags={"trainyard.architecture": spec.architecture, "trainyard.dataset": data.dataset.name,
               "trainyard.dataset_fingerprint": data.dataset.fingerprint},
     )
-    call_db(jobs.record_progress, ctx.db, job.id, job.attempt, model_name=name, model_version=version.version)
+    call_db(attempts.record_progress, ctx.db, job.id, job.attempt, model_name=name, model_version=version.version)
