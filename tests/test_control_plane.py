@@ -265,7 +265,7 @@ def test_reconciler_pass_over_100k_stale_queued_jobs_sends_a_bounded_number(pg_s
         s.execute(text("ANALYZE job"))
     for name, queues in (("idle-1", ["cpu"]), ("idle-2", ["cpu"]), ("busy", ["cpu"])):
         worker_registry.register_worker(db, name=name, host="h", device="CPU", queues=queues)
-    worker_registry.heartbeat(db, "busy", current_job=lost[0])
+    worker_registry.show_current_job(db, "busy", lost[0])
     dispatch = CeleryDispatch(pg_settings)
     wakeups = reconciling.WakeUps()
 

@@ -119,22 +119,23 @@ def authenticate(db: Database, secret: str) -> Principal:
         raise Unauthorized("Send a token: `Authorization: Bearer <token>` (see `trainyard tokens create`).")
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         raise Unauthorized("That is not a Trainyard token.")
-    with db.connection() as conn:  # a web request's connection: the view reads on it too
-        row = _TOKEN_BY_HASH.first(conn, token_hash=hash_token(secret))
-        principal = _principal(row)
-        if _stale_use(row):
-            _TOUCH_TOKEN.rowcount(conn, token_id=row.id, now=utcnow())
-        return principal
+    return _principal_of(db, _TOKEN_BY_HASH, token_hash=hash_token(secret))
 
 
 def principal_for_token(db: Database, token_id: int) -> Principal:
     """The principal behind a token id (a UI session remembers the id, never the secret)."""
     if not 0 < token_id < 2**63:
         raise Unauthorized("Unknown token.")
+    return _principal_of(db, _TOKEN_BY_ID, token_id=token_id)
+
+
+def _principal_of(db: Database, lookup: Statement, **params) -> Principal:
+    """The principal of the token row `lookup` finds, stamping its last use at most once a minute. On a web
+    request's connection: the view reads on it too."""
     with db.connection() as conn:
-        row = _TOKEN_BY_ID.first(conn, token_id=token_id)
+        row = lookup.first(conn, **params)
         principal = _principal(row)
-        if _stale_use(row):
+        if row.last_used_at is None or utcnow() - row.last_used_at > LAST_USED_RESOLUTION:
             _TOUCH_TOKEN.rowcount(conn, token_id=row.id, now=utcnow())
         return principal
 
@@ -158,11 +159,6 @@ def _principal(row) -> Principal:
     if row.expires_at <= utcnow():
         raise Unauthorized(f"Token {row.prefix}… expired at {row.expires_at:%Y-%m-%d %H:%M} UTC.")
     return Principal(user=row.user, role=Role(row.role), token_id=row.id)
-
-
-def _stale_use(row) -> bool:
-    """Whether the token's `last_used_at` is worth a write (at most one a minute per token)."""
-    return row.last_used_at is None or utcnow() - row.last_used_at > LAST_USED_RESOLUTION
 
 
 def list_tokens(db: Database, *, user: str | None = None) -> list[TokenView]:

@@ -63,13 +63,12 @@ def register_worker(db: Database, *, name: str, host: str, device: str, queues: 
 UNCHANGED = object()
 
 
-def heartbeat(db: Database, name: str, *, current_job: int | None | object = UNCHANGED,
-              gpu_utilization: float | None | object = UNCHANGED,
+def heartbeat(db: Database, name: str, *, gpu_utilization: float | None | object = UNCHANGED,
               gpu_memory_used_mb: int | None | object = UNCHANGED) -> bool:
-    """Say the worker is alive (and, if given, what it runs now and its GPU's utilisation in percent and
-    memory used); False if it was never registered."""
+    """Say the worker is alive (and, if given, its GPU's utilisation in percent and memory used); False if it
+    was never registered. What it runs is said by `show_current_job`."""
     values: dict = {"last_seen": utcnow(), "stopped_at": None}
-    given = {"current_job": current_job, "gpu_utilization": gpu_utilization, "gpu_memory_used_mb": gpu_memory_used_mb}
+    given = {"gpu_utilization": gpu_utilization, "gpu_memory_used_mb": gpu_memory_used_mb}
     values.update({column: value for column, value in given.items() if value is not UNCHANGED})
     with db.read_scope() as s:
         return s.execute(update(Worker).where(Worker.name == name).values(**values)).rowcount == 1
