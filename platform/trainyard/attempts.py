@@ -97,6 +97,12 @@ def _finish():
 _FINISH = Statement("finish_job", _finish())
 
 
+def prune_job(db: Database, job_id: int, attempt: int, reason: str, metrics: dict[str, Any],
+              progress: dict[str, Any]) -> bool:
+    """RUNNING → PRUNED: a sweep's trial its sweep stopped early, keeping its metrics, progress and checkpoint."""
+    return _end_running(db, job_id, attempt, JobStatus.PRUNED, reason, metrics=metrics, progress=progress)
+
+
 def fail_job(db: Database, job_id: int, attempt: int, error: str) -> bool:
     return _end_running(db, job_id, attempt, JobStatus.FAILED, error.splitlines()[0][:500], error=error)
 

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
                                 "between 0.5 and 5 s (3 s for the default 60 s lease)")
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")
     reconcile_seconds: float = Field(10.0, gt=0, description="how often lost jobs are looked for")
+    sweep_seconds: float = Field(1.0, gt=0, description="how often the sweep driver looks at running sweeps")
     torch_threads: int = Field(0, ge=0, description="0 = torch's default (one per core)")
     serving_token_cache_seconds: float = Field(
         5.0, ge=0, description="the prediction server (`trainyard serve`) remembers a bearer token this long, "

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Select, bindparam, func, insert, select, update
+from sqlalchemy import JSON, Connection, Select, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
@@ -72,6 +72,8 @@ class JobView:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    sweep_id: int | None  # a sweep's trial: its sweep and trial number
+    trial: int | None
     events: list[JobEventView] = field(default_factory=list)
 
 
@@ -116,23 +118,8 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
     send its id to the broker. The answer comes from the INSERT's RETURNING, not from a re-read."""
     spec = checked_spec(db, spec, settings)
     message = f"submitted by {owner}" if owner else "submitted"
-    now = utcnow()
     with db.connection() as conn:
-        row = _INSERT_JOB.first(
-            conn,
-            kind=spec.kind,
-            name=spec.name or default_name(spec),
-            reason=message,
-            dataset=spec.dataset or f"folder:{Path(spec.path or '').name}",
-            architecture=spec.architecture or "",
-            spec=spec.model_dump(mode="json"),
-            queue=dispatch_queue(spec.resources.queue, spec.resources.gpus),
-            priority=PRIORITY_LEVELS[spec.priority],
-            max_attempts=spec.max_attempts,
-            progress={"epoch": 0, "epochs": spec.params.epochs if spec.kind == "train" else 0},
-            owner=owner,
-            now=now,
-        )
+        row = insert_job(conn, spec, owner=owner, message=message)
     submitted = job_view(row, [JobEventView(at=row.created_at, from_status=None, to_status=JobStatus.QUEUED,
                                             attempt=0, message=message)])
     try:
@@ -148,11 +135,35 @@ def submit_job(db: Database, spec: JobSpec, dispatch: Dispatch, *, settings: Set
     return submitted
 
 
+def insert_job(conn: Connection, spec: JobSpec, *, owner: str | None, message: str, sweep_id: int | None = None,
+               trial: int | None = None) -> Any:
+    """Insert a QUEUED job for a checked spec on `conn` (in the caller's transaction, if it has one); its row.
+    Nothing is dispatched: the caller sends the message once the row is committed."""
+    return _INSERT_JOB.first(
+        conn,
+        kind=spec.kind,
+        name=spec.name or default_name(spec),
+        reason=message,
+        dataset=spec.dataset or f"folder:{Path(spec.path or '').name}",
+        architecture=spec.architecture or "",
+        spec=spec.model_dump(mode="json"),
+        queue=dispatch_queue(spec.resources.queue, spec.resources.gpus),
+        priority=PRIORITY_LEVELS[spec.priority],
+        max_attempts=spec.max_attempts,
+        progress={"epoch": 0, "epochs": spec.params.epochs if spec.kind == "train" else 0},
+        owner=owner,
+        now=utcnow(),
+        sweep_id=sweep_id,
+        trial=trial,
+    )
+
+
 def _insert_job():
     """A new QUEUED job, every column given (its first event and tally come from the trigger)."""
     job = Job.__table__
     given = {name: bindparam(name, type_=job.c[name].type) for name in (
-        "kind", "name", "dataset", "architecture", "spec", "queue", "priority", "max_attempts", "progress", "owner")}
+        "kind", "name", "dataset", "architecture", "spec", "queue", "priority", "max_attempts", "progress", "owner",
+        "sweep_id", "trial")}
     now = bindparam("now", type_=job.c.created_at.type)
     return insert(job).values(**given, status=JobStatus.QUEUED, status_reason=bindparam("reason"), attempt=0,
                               cancel_requested=False, metrics={}, created_at=now, updated_at=now).returning(*job.c)
@@ -200,7 +211,7 @@ _JOB_WITH_EVENTS = Statement("job_with_events", _job_with_events)
 
 def list_jobs(
     db: Database, *, statuses: Sequence[str] = (), limit: int = 50, before: int | None = None,
-    dataset: str | None = None, architecture: str | None = None, ids: Sequence[int] = (),
+    dataset: str | None = None, architecture: str | None = None, ids: Sequence[int] = (), sweep: int | None = None,
 ) -> JobPage:
     """Newest first; keyset pagination on id so a page costs the same at 1,000 or 1,000,000 jobs.
 
@@ -214,6 +225,8 @@ def list_jobs(
         ids_query = ids_query.where(job.c.dataset == dataset)
     if architecture:
         ids_query = ids_query.where(job.c.architecture == architecture)
+    if sweep is not None:
+        ids_query = ids_query.where(job.c.sweep_id == sweep)
     if ids:
         ids_query = ids_query.where(job.c.id.in_([i for i in ids if 0 < i <= MAX_ID]))
     if before is not None:

@@ -86,6 +86,7 @@ def run_embedded(settings: Settings, console: Console, ready_timeout: float = 18
             ], env)
         group.start("worker", [sys.executable, "-m", "trainyard_workers", "pool"], env)
         group.start("reconciler", [sys.executable, "-m", "trainyard_workers", "reconciler"], env)
+        group.start("sweeper", [sys.executable, "-m", "trainyard_workers", "sweeper"], env)
         group.start("web", [
             sys.executable, "-m", "gunicorn", "--bind", f"{settings.host}:{settings.port}",
             "--workers", str(settings.web_workers), "--threads", "4", "--access-logfile", "-",

@@ -69,13 +69,14 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    PRUNED = "PRUNED"  # a sweep trial its sweep's pruner stopped early: not a failure; metrics and checkpoint kept
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATUSES
 
 
-TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PRUNED})
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -123,8 +124,14 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    # A sweep's trial: its sweep and trial number (None for a job submitted on its own).
+    sweep_id: Mapped[int | None] = mapped_column(Integer)  # no foreign key: SQLite adds none to a table in place
+    trial: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
+        # A sweep's trials, in order (only trial jobs are in this index).
+        Index("ix_job_sweep_id_trial", "sweep_id", "trial", postgresql_where=text("sweep_id IS NOT NULL"),
+              sqlite_where=text("sweep_id IS NOT NULL")),
         # The job list is "newest first, optionally by status, dataset or architecture": keyset scans on id.
         Index("ix_job_status_id", "status", "id"),
         Index("ix_job_dataset_id", "dataset", "id"),
@@ -267,3 +274,71 @@ class JobLogLine(Base):
     line: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (Index("ix_job_log_job_id_id", "job_id", "id"),)
+
+
+
+class SweepStatus(enum.StrEnum):
+    RUNNING = "RUNNING"  # trials are being started and run
+    SUCCEEDED = "SUCCEEDED"  # every trial ended and at least one completed; its best trial's model is registered
+    FAILED = "FAILED"  # no trial completed, or too many failed in a row (status_reason says which)
+    CANCELLED = "CANCELLED"
+
+
+class Sweep(Base):
+    """A hyperparameter search: its spec (base job spec, search space, objective, algorithm, early stopping,
+    budgets), how many trials it has started, and how it ended. Its trials are ordinary jobs (`job.sweep_id`)."""
+
+    __tablename__ = "sweep"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    max_trials: Mapped[int] = mapped_column(Integer)
+    max_parallel: Mapped[int] = mapped_column(Integer)
+    # Trials started so far: the compare-and-set that lets only one driver start each trial.
+    trials_started: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(100))
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))  # the parent run its trials' runs nest under
+    best_trial: Mapped[int | None] = mapped_column(Integer)
+    best_value: Mapped[float | None] = mapped_column(Float)
+    model_name: Mapped[str | None] = mapped_column(String(100))
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_sweep_status_id", "status", "id"),)
+
+
+class SweepTrial(Base):
+    """One trial of a sweep: what Optuna's sampler chose (params, their distributions, the sampler's and
+    pruner's own attributes) and, once its job ended, its state and objective value. The driver rebuilds an
+    Optuna study from these rows for every decision, so no decision depends on a process's memory."""
+
+    __tablename__ = "sweep_trial"
+
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweep.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("job.id", ondelete="SET NULL"))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    distributions: Mapped[dict[str, Any]] = mapped_column(JSON)  # name → Optuna's distribution JSON
+    system_attrs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16))  # Optuna's: RUNNING, COMPLETE, PRUNED, FAIL
+    value: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SweepReport(Base):
+    """A trial's objective at the end of one epoch (Optuna's intermediate value): what early stopping decides
+    on and what the sweep page's learning curves draw. Written once per (trial, epoch): a resumed attempt's
+    repeat of an epoch keeps the first."""
+
+    __tablename__ = "sweep_report"
+
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweep.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float] = mapped_column(Float)

@@ -81,7 +81,7 @@ def dispatch_queue(queue: str, gpus: int) -> str:
 
 # `register` is the spec's word for "add a registry version"; pydantic warns only because abc.ABCMeta has a
 # method of that name, which a spec never uses.
-warnings.filterwarnings("ignore", message='Field name "register" in "JobSpec" shadows', category=UserWarning)
+warnings.filterwarnings("ignore", message=r"Field name \"register\" in \"(JobSpec|SweepSpec)\" shadows", category=UserWarning)
 
 
 class JobSpec(BaseModel):

@@ -292,3 +292,36 @@ def latest_step_image(settings: Settings, run_id: str, key: str) -> tuple[int, b
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(run_id, best[1], tmp)
         return best[0], Path(local).read_bytes()
+
+
+SWEEP_ID_TAG = "trainyard.sweep_id"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own convention: its UI nests a run under this one
+
+
+def start_sweep_run(settings: Settings, *, sweep_id: int, name: str, spec: Mapping[str, Any]) -> str:
+    """The sweep's parent run, under which every trial's run nests; returns its id."""
+    client = tracking_client(settings)
+    run = client.create_run(ensure_experiment(client, settings), run_name=f"sweep-{sweep_id}-{name}",
+                            tags={SWEEP_ID_TAG: str(sweep_id), "trainyard.kind": "sweep"})
+    searched = {key: value for key, value in spec.items() if key != "base"}
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flatten("", searched).items()])
+    return run.info.run_id
+
+
+def end_sweep_run(settings: Settings, run_id: str, status: str, *, best: Mapping[str, Any] | None = None,
+                  metrics: Mapping[str, float] | None = None) -> None:
+    """Close the sweep's run with its best trial's parameters (as best.<path> tags) and figures."""
+    client = tracking_client(settings)
+    if best:
+        client.set_tag(run_id, "trainyard.best_params", json.dumps(best, sort_keys=True)[:5000])
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.set_terminated(run_id, status=status)
+
+
+def logged_model_uri(settings: Settings, run_id: str) -> str | None:
+    """The `models:/` URI of the model a run logged last (MLflow 3 links logged models as run outputs)."""
+    outputs = tracking_client(settings).get_run(run_id).outputs
+    models = outputs.model_outputs if outputs is not None else []
+    return f"models:/{models[-1].model_id}" if models else None

@@ -16,6 +16,7 @@ from trainyard_web.models_api import registry_api, serving_api
 from trainyard_web.problems import RetryRequest, register_problem_handlers
 from trainyard_web.runtime import EXTENSION_KEY, Platform
 from trainyard_web.serving import ModelServer
+from trainyard_web.sweeps_api import sweeps_api
 from trainyard_web.tokens_api import tokens_api
 from trainyard_web.ui import ui
 from trainyard_web import metrics, security
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None, *, serving_only: bool = False) 
         app.register_blueprint(api)
         app.register_blueprint(registry_api)
         app.register_blueprint(tokens_api)
+        app.register_blueprint(sweeps_api)
         app.register_blueprint(ui)
         metrics.install(app)
     _apply_rate_limits(app, limiter, settings)

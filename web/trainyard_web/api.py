@@ -55,7 +55,7 @@ def submit_job(spec: JobSpec):
 @requires(Role.VIEWER)
 def list_jobs(query: JobListQuery):
     page = jobs.list_jobs(platform().db, statuses=query.statuses, limit=query.limit, before=query.before,
-                          dataset=query.dataset, architecture=query.architecture)
+                          dataset=query.dataset, architecture=query.architecture, sweep=query.sweep)
     return JobPageOut(items=[JobOut.model_validate(j) for j in page.items], next_before=page.next_before)
 
 

@@ -57,6 +57,8 @@ class JobOut(Out):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    sweep_id: int | None = Field(None, description="A sweep's trial: the sweep")
+    trial: int | None = Field(None, description="A sweep's trial: its number in the sweep (1, 2, ...)")
     events: list[JobEventOut] = []
     waiting: QueueWaitOut | None = Field(None, description="GET /jobs/{id} of a QUEUED job: why it has not started")
 
@@ -78,6 +80,7 @@ class JobListQuery(BaseModel):
                                pattern=rf"^(?i:\s*({_STATUSES})\s*(,\s*({_STATUSES})\s*)*)?$")
     dataset: str | None = Field(None, max_length=100, description="Only jobs on this dataset")
     architecture: str | None = Field(None, max_length=100, description="Only jobs of this architecture")
+    sweep: int | None = Field(None, ge=1, le=2**63 - 1, description="Only the trials of this sweep")
     limit: int = Field(50, ge=1, le=200)
     before: int | None = Field(None, ge=1, le=2**63 - 1, description="Only jobs with a smaller id (keyset pagination).")
 
@@ -95,6 +98,52 @@ class JobListQuery(BaseModel):
     @property
     def statuses(self) -> list[str]:
         return self.status.split(",") if self.status else []
+
+
+class TrialOut(Out):
+    number: int
+    job_id: int | None = Field(description="The trial's train job (None if its values made no valid job)")
+    status: str = Field(description="Its job's status: QUEUED, RUNNING, SUCCEEDED, PRUNED (stopped early by the "
+                                    "sweep), FAILED or CANCELLED")
+    params: dict[str, Any] = Field(description="The searched fields' values, by path")
+    value: float | None = Field(description="The objective (at the best or last epoch once ended; the latest "
+                                            "epoch's while it runs)")
+    epochs: int = Field(description="Epochs reported")
+    error: str | None
+    reports: list[tuple[int, float]] = Field(description="(epoch, objective) of every epoch so far")
+
+
+class SweepOut(Out):
+    id: int
+    name: str
+    status: str = Field(description="RUNNING, SUCCEEDED, FAILED or CANCELLED")
+    spec: dict[str, Any]
+    max_trials: int
+    max_parallel: int
+    trials_started: int
+    owner: str | None
+    status_reason: str | None = Field(description="Why it is in its status (e.g. why it stopped itself)")
+    mlflow_run_id: str | None = Field(description="The parent run its trials' runs nest under")
+    best_trial: int | None
+    best_value: float | None
+    model_name: str | None = Field(description="The registered model its best trial became a version of")
+    model_version: int | None
+    created_at: datetime
+    finished_at: datetime | None
+    counts: dict[str, int] = Field(description="Trials by status")
+    trials: list[TrialOut] = []
+
+
+class SweepPageOut(BaseModel):
+    items: list[SweepOut]
+    next_before: int | None
+
+
+class SweepListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(50, ge=1, le=200)
+    before: int | None = Field(None, ge=1, le=2**63 - 1)
 
 
 class DatasetOut(Out):

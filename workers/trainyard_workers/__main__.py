@@ -1,5 +1,5 @@
-"""`python -m trainyard_workers worker|pool|drain|reconciler`: one Celery worker, one per GPU on this host,
-draining them, and the reconciler."""
+"""`python -m trainyard_workers worker|pool|drain|reconciler|sweeper`: one Celery worker, one per GPU on this
+host, draining them, the reconciler, and the sweep driver."""
 
 from __future__ import annotations
 
@@ -129,6 +129,49 @@ def reconciler(once: bool = typer.Option(False, help="Look once and exit.")) -> 
         if once:
             return
         time.sleep(settings.reconcile_seconds)
+
+
+@cli.command()
+def sweeper(once: bool = typer.Option(False, help="One pass and exit.")) -> None:
+    """Drive sweeps: start their trials, end them and register their best model, every TRAINYARD_SWEEP_SECONDS.
+
+    A process of its own, like the reconciler: a sweep outlives any web request, and a Celery task would wait
+    behind hours of training. It keeps nothing in memory, so it can be killed and restarted at any time.
+    """
+    import logging
+    import time
+
+    from trainyard import sweep_driver
+    from trainyard.logging_setup import configure_logging
+    from trainyard.queueing import CeleryDispatch
+    from trainyard.tracking import quiet_mlflow
+
+    configure_logging(logging.INFO)
+    quiet_mlflow()
+    log = logging.getLogger("trainyard.sweeper")
+    settings = Settings()
+    _require_current_schema(settings)
+    db, dispatch = Database(settings.database_url, pool_size=1, max_overflow=1), CeleryDispatch(settings)
+    try:
+        woken = sweep_driver.wake_queued_trials(db, dispatch)
+        if woken:
+            log.info("re-sent %d queued trials' messages (a driver before this one may have died before sending)",
+                     woken)
+    except Exception:
+        log.exception("could not re-send queued trials' messages; the reconciler's wake-ups will")
+    log.info("driving sweeps every %.1f s", settings.sweep_seconds)
+    while True:
+        try:
+            report = sweep_driver.drive(db, dispatch, settings)
+            for sweep_id, job_ids in report.started.items():
+                log.info("sweep %s: started trials as jobs %s", sweep_id, job_ids)
+            for sweep_id, status in report.ended.items():
+                log.info("sweep %s: %s", sweep_id, status)
+        except Exception:  # the database or broker is briefly away: try again next pass
+            log.exception("sweep pass failed")
+        if once:
+            return
+        time.sleep(settings.sweep_seconds)
 
 
 @cli.command()

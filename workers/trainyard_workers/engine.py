@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 import torch
 
-from trainyard import attempts, leases, worker_registry
+from trainyard import attempts, leases, sweep_driver, sweeps, worker_registry
 from trainyard.config import Settings
 from trainyard.db import Database
 from trainyard.jobs import JobView
@@ -24,7 +24,7 @@ from trainyard.tracking import JobRun
 from trainyard_workers.db_retry import call_db, claim, end_attempt, is_connection_error
 from trainyard_workers.evaluation import run_evaluation
 from trainyard_workers.job_log import JobLogCapture
-from trainyard_workers.loop import StopRequested
+from trainyard_workers.loop import StopRequested, TrialPruned
 from trainyard_workers.prediction import run_prediction
 from trainyard_workers.training import run_training
 
@@ -163,9 +163,15 @@ def _run_claimed(ctx: WorkerContext, job: JobView, capture: JobLogCapture) -> No
                 run.client.set_tag(run.run_id, "trainyard.attempt", str(job.attempt))
             else:
                 run = JobRun.start(ctx.settings, job_id=job.id, name=job.name, spec=job.spec,
-                                   tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind})
+                                   tags={"trainyard.attempt": str(job.attempt), "trainyard.kind": job.kind,
+                                         **call_db(sweeps.trial_run_tags, ctx.db, job)})
                 call_db(attempts.record_run, ctx.db, job.id, job.attempt, run.run_id)
             metrics, progress = JOB_KINDS[job.kind](ctx, job, lease, run)
+        except TrialPruned as pruned:
+            log.info("job %s: %s", job.id, pruned)
+            if end_attempt(attempts.prune_job, ctx.db, job, JobStatus.PRUNED, str(pruned), pruned.metrics,
+                           pruned.progress):
+                _end_run(run, "FINISHED", {"trainyard.pruned_at_epoch": str(pruned.epoch)})
         except StopRequested:
             if lease.lease_lost.is_set():
                 log.warning("job %s: lease lost; leaving the job to its new owner", job.id)
@@ -191,11 +197,24 @@ def _run_claimed(ctx: WorkerContext, job: JobView, capture: JobLogCapture) -> No
         else:
             if end_attempt(attempts.finish_job, ctx.db, job, JobStatus.SUCCEEDED, metrics, progress):
                 _end_run(run, "FINISHED")
+    _next_trials(ctx, job)
 
 
-def _end_run(run: JobRun | None, status: str) -> None:
+def _next_trials(ctx: WorkerContext, job: JobView) -> None:
+    """A sweep's trial ended here: start the sweep's next trials now rather than at its driver's next pass."""
+    if job.sweep_id is None:
+        return
+    try:
+        sweep_driver.after_trial(ctx.db, ctx.dispatch, ctx.settings, job.sweep_id)
+    except Exception:  # the driver's next pass does it
+        log.warning("job %s: could not start sweep %s's next trials", job.id, job.sweep_id, exc_info=True)
+
+
+def _end_run(run: JobRun | None, status: str, tags: dict[str, str] | None = None) -> None:
     if run is not None:
         try:
+            for key, value in (tags or {}).items():
+                run.client.set_tag(run.run_id, key, value)
             run.end(status)
         except Exception:
             log.exception("could not close MLflow run %s", run.run_id)

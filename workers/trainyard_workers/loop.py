@@ -16,6 +16,14 @@ class StopRequested(Exception):
     """Raised between batches when the caller's `should_stop` says so (cancel, or the lease was lost)."""
 
 
+class TrialPruned(Exception):
+    """A sweep's trial that its sweep's pruner stopped at an epoch's end: it ends PRUNED with what it has."""
+
+    def __init__(self, epoch: int, metrics: dict, progress: dict) -> None:
+        super().__init__(f"stopped early by its sweep at epoch {epoch}")
+        self.epoch, self.metrics, self.progress = epoch, metrics, progress
+
+
 @dataclass
 class BatchPipeline:
     """uint8 batches on the host → normalised (and, in training, augmented) tensors on the device."""

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainyard import attempts
+from trainyard import attempts, sweeps
 from trainyard.datasets import DatasetView, get_dataset
 from trainyard.jobs import JobView
 from trainyard.metric_writer import shared_writer
 from trainyard.ml.datasets import ImageSplits
-from trainyard.ml.metrics import confusion_matrix_png, segmentation_overlay_png
+from trainyard.ml.metrics import PRIMARY_METRIC, confusion_matrix_png, segmentation_overlay_png
 from trainyard.ml.servable import METADATA_FILE, WEIGHTS_FILE
 from trainyard.model_registry import register_version
 from trainyard.specs import JobSpec, TrainParams
@@ -35,7 +35,7 @@ from trainyard_workers.checkpoints import (
 )
 from trainyard_workers.db_retry import call_db
 from trainyard_workers.distributed import Rank0, threads_per_rank
-from trainyard_workers.loop import BatchPipeline, StopRequested, evaluate, train_one_epoch
+from trainyard_workers.loop import BatchPipeline, StopRequested, TrialPruned, evaluate, train_one_epoch
 from trainyard_workers.training_setup import (
     SingleDevice,
     batches,
@@ -51,7 +51,6 @@ from trainyard_workers.training_setup import (
 
 log = logging.getLogger(__name__)
 
-PRIMARY_METRIC = {"classification": "accuracy", "segmentation": "mean_iou"}
 OVERLAY_EVERY = 5  # epochs between segmentation sample images
 
 
@@ -162,7 +161,7 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
         restore_training_state(parts, resumed, devices.data_generator)
         best.update(value=resumed["best"]["value"], epoch=resumed["best"]["epoch"], state=resumed.get("best_model"))
         start_epoch, summary = resumed["epoch"] + 1, dict(resumed["summary"])
-        if "stopped_early_at_epoch" in summary:
+        if "stopped_early_at_epoch" in summary or "pruned_at_epoch" in summary:
             start_epoch = params.epochs + 1  # the lost attempt had already decided to stop
         progress = {"epoch": resumed["epoch"], "epochs": params.epochs, "batch": 0, "batches": len(train_batches)}
         epoch_history = checkpointed_epoch_metrics(resumed)
@@ -212,6 +211,10 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
             patience = params.early_stopping_patience
             if patience is not None and epoch - best["epoch"] >= patience:
                 summary["stopped_early_at_epoch"] = epoch
+            # A sweep's trial reports its objective and learns whether its sweep stops it here; asked before the
+            # checkpoint, so a resumed attempt finds the decision in it.
+            if job.sweep_id is not None and call_db(sweeps.report_epoch, ctx.db, job.id, epoch, epoch_metrics):
+                summary["pruned_at_epoch"] = epoch
 
             # Checkpoint first, metrics second: a resumed attempt never logs an epoch twice. A new file per
             # epoch: the one the job row names is never overwritten, even by an attempt fenced off meanwhile.
@@ -248,12 +251,14 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
                 if splits.task == "segmentation" and (epoch % OVERLAY_EVERY == 0 or epoch == params.epochs):
                     run.log_image_step(sample_overlay(model, splits, data), "sample_predictions", epoch)
 
-            if "stopped_early_at_epoch" in summary:
+            if "stopped_early_at_epoch" in summary or "pruned_at_epoch" in summary:
                 break
         devices.announce_epoch(0)  # training is over: the other ranks exit; the rest is rank 0's alone
 
         if lease.should_stop():  # fenced off or asked to stop after the last epoch: log and register nothing
             raise StopRequested
+        if "pruned_at_epoch" in summary:  # no test pass, no logged model: the sweep has no use for them
+            raise TrialPruned(summary["pruned_at_epoch"], summary, progress)
         if best["state"] is not None:
             model.load_state_dict(best["state"])  # early stopping keeps the best epoch's weights
         test_batches = batches(splits.test, eval_size, shuffle=False, generator=None, device=device)

@@ -241,6 +241,23 @@ class SegmentationMetrics:
         return SegmentationResult(scalars, per_class, cm.tolist(), list(self.class_names))
 
 
+# The metric a task's models are judged by: the registry's primary metric is its test_ value.
+PRIMARY_METRIC = {"classification": "accuracy", "segmentation": "mean_iou"}
+
+
+def epoch_metric_names(task: str, num_classes: int) -> list[str]:
+    """The metrics every training epoch of `task` records: train_loss, and val_<name> for each scalar its
+    validation pass computes (found by computing them on one tiny batch, so the list cannot drift from the
+    metrics themselves)."""
+    if task == "classification":
+        metrics: ClassificationMetrics | SegmentationMetrics = ClassificationMetrics(num_classes)
+        metrics.update(torch.eye(num_classes)[:2], torch.arange(2) % num_classes, loss_sum=0.0)
+    else:
+        metrics = SegmentationMetrics(num_classes)
+        metrics.update(torch.zeros(1, num_classes, 2, 2), torch.zeros(1, 2, 2, dtype=torch.int64), loss_sum=0.0)
+    return ["train_loss", *(f"val_{name}" for name in metrics.compute().scalars)]
+
+
 # ---- pictures ---------------------------------------------------------------------------------------
 
 
