@@ -20,7 +20,7 @@ from werkzeug.serving import make_server
 from trainyard.cli import app as cli
 from trainyard.db import upgrade_schema
 from trainyard_web import create_app
-from conftest import ROOT, make_settings, make_token
+from conftest import ROOT, WorkerProcess, make_settings, make_token
 
 
 @pytest.fixture
@@ -167,3 +167,50 @@ def test_tokens_create_list_and_revoke(live):
     assert run(["tokens", "revoke", token_id], as_ada).exit_code == 0
     after = run(["jobs"], as_ada)
     assert after.exit_code == 1 and "revoked" in after.output and "TRAINYARD_TOKEN" in after.output
+
+
+SWEEP_YAML = """\
+name: cli sweep
+algorithm: grid
+max_trials: 2
+max_parallel: 1
+register: none
+base:
+  dataset: digits
+  architecture: cnn
+  params: {epochs: 1, batch_size: 64}
+space:
+  params.lr: {type: choice, values: [0.003, 0.001]}
+"""
+
+
+def test_sweeps_submit_watch_status_list_and_cancel(live, start_worker, tmp_path):
+    settings, env = live
+    start_worker(settings)
+    sweeper = WorkerProcess(settings, tmp_path / "sweeper.log", command="sweeper")
+    try:
+        spec = tmp_path / "sweep.yaml"
+        spec.write_text(SWEEP_YAML)
+        result = run(["sweeps", "submit", str(spec), "--watch"], env)
+        assert result.exit_code == 0, result.output + sweeper.log()[-3000:]
+        assert "sweep 1 cli sweep: RUNNING" in result.output and "SUCCEEDED" in result.output
+        assert "best: trial" in result.output and "params.lr" in result.output
+        status = run(["sweeps", "status", "1"], env)
+        assert status.exit_code == 0 and "2/2 done" in status.output
+        assert run(["sweeps", "list"], env).output.count("cli sweep") == 1
+        assert "1 #1" in run(["jobs"], env).output  # the trials are jobs, shown with their sweep and number
+
+        spec.write_text(SWEEP_YAML.replace("max_trials: 2", "max_trials: 20").replace("epochs: 1", "epochs: 50"))
+        assert run(["sweeps", "submit", str(spec)], env).exit_code == 0
+        cancelled = run(["sweeps", "cancel", "2"], env)
+        assert cancelled.exit_code == 0 and "CANCELLED" in cancelled.output
+        again = run(["sweeps", "cancel", "2"], env)
+        assert again.exit_code == 1 and "already CANCELLED" in again.output
+
+        spec.write_text(SWEEP_YAML.replace("params.lr:", "params.lrr:"))
+        refused = run(["sweeps", "submit", str(spec)], env)
+        assert refused.exit_code == 1 and "space.params.lrr" in refused.output
+        spec.write_text("name: [unclosed")
+        assert run(["sweeps", "submit", str(spec)], env).exit_code == 2
+    finally:
+        sweeper.stop()

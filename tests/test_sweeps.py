@@ -16,6 +16,7 @@ from trainyard.errors import Conflict, InvalidSpec
 from trainyard.models import Job, JobStatus, Sweep, SweepTrial
 from trainyard.queueing import CeleryDispatch
 from trainyard.sweep_specs import SweepSpec
+from conftest import authed_client
 
 BASE = {"dataset": "digits", "architecture": "cnn", "register": False, "params": {"epochs": 4, "batch_size": 32}}
 
@@ -224,3 +225,31 @@ def test_cancel_stops_the_sweep_and_its_queued_and_running_trials(platform_db, s
     assert sweep_driver.advance(platform_db, dispatch, settings, sweep_id) == ([], None)
     with pytest.raises(Conflict):
         sweeps.cancel_sweep(platform_db, settings, sweep_id)
+
+
+def test_the_api_submits_lists_shows_and_cancels_sweeps_for_their_owner(web_app):
+    alice, bob = authed_client(web_app, "member", "alice"), authed_client(web_app, "member", "bob")
+    viewer = authed_client(web_app, "viewer", "carol")
+    good = sweep_spec().model_dump(mode="json", exclude_none=True)
+    bad = {**good, "space": {"params.lrr": {"type": "choice", "values": [0.1]}}}
+    refused = alice.post("/api/v1/sweeps", json=bad)
+    assert refused.status_code == 422 and [e["field"] for e in refused.get_json()["errors"]] == ["space.params.lrr"]
+    shapeless = alice.post("/api/v1/sweeps", json={**good, "space": {"params.lr": {"type": "uniform", "low": 1}}})
+    assert shapeless.status_code == 422 and "space.params.lr" in shapeless.get_json()["detail"]
+    assert viewer.post("/api/v1/sweeps", json=good).status_code == 403
+    assert alice.get("/api/v1/sweeps").get_json()["items"] == []  # nothing was created by the refusals
+
+    created = alice.post("/api/v1/sweeps", json=good)
+    assert created.status_code == 201, created.get_json()
+    sweep = created.get_json()
+    assert (sweep["status"], sweep["owner"], sweep["trials"], sweep["max_trials"]) == ("RUNNING", "alice", [], 6)
+    assert viewer.get(f"/api/v1/sweeps/{sweep['id']}").get_json()["name"] == "lr search"
+    assert [s["id"] for s in viewer.get("/api/v1/sweeps").get_json()["items"]] == [sweep["id"]]
+    assert viewer.get("/api/v1/sweeps/999").status_code == 404
+    assert viewer.get(f"/api/v1/jobs?sweep={sweep['id']}").get_json()["items"] == []
+
+    assert viewer.post(f"/api/v1/sweeps/{sweep['id']}/cancel").status_code == 403
+    assert bob.post(f"/api/v1/sweeps/{sweep['id']}/cancel").status_code == 403  # not his
+    cancelled = alice.post(f"/api/v1/sweeps/{sweep['id']}/cancel")
+    assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "CANCELLED"
+    assert alice.post(f"/api/v1/sweeps/{sweep['id']}/cancel").status_code == 409

@@ -18,6 +18,7 @@ from rich.table import Table
 from trainyard.api_client import request
 from trainyard.cli_db import db_app
 from trainyard.cli_logs import logs
+from trainyard.cli_sweeps import sweeps_app
 from trainyard.cli_tokens import admin_token, tokens_app
 from trainyard.config import Settings
 
@@ -28,12 +29,13 @@ app.add_typer(datasets_app, name="datasets")
 models_app = typer.Typer(no_args_is_help=True, help="The model registry: versions, aliases, promotion.")
 app.add_typer(models_app, name="models")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(sweeps_app, name="sweeps")
 app.command("admin-token")(admin_token)
 app.command("logs")(logs)
 console = Console()
 err = Console(stderr=True)
 
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "PRUNED"}
 
 
 def main() -> None:
@@ -216,7 +218,7 @@ def _watch(job_id: int, interval: float = 1.0) -> None:
                 break
             time.sleep(interval)
     _print_job(job)
-    if job["status"] != "SUCCEEDED":
+    if job["status"] not in ("SUCCEEDED", "PRUNED"):  # a trial its sweep stopped early did not fail
         raise typer.Exit(1)
 
 
@@ -228,13 +230,14 @@ def list_jobs(
     """List jobs, newest first."""
     query = {"limit": limit, **({"status": status_filter} if status_filter else {})}
     page = _request("GET", "/jobs?" + urllib.parse.urlencode(query))
-    table = Table("id", "name", "status", "epoch", "val_accuracy", "attempt", "created")
+    table = Table("id", "name", "status", "epoch", "val_accuracy", "attempt", "sweep", "created")
     for job in page["items"]:
         acc = job["metrics"].get("val_accuracy")
+        trial = f"{job['sweep_id']} #{job['trial']}" if job.get("sweep_id") else ""
         table.add_row(str(job["id"]), job["name"], job["status"],
                       f"{job['progress'].get('epoch', 0)}/{job['progress'].get('epochs', '?')}",
                       f"{acc:.4f}" if isinstance(acc, float) else "", f"{job['attempt']}/{job['max_attempts']}",
-                      job["created_at"][:19])
+                      trial, job["created_at"][:19])
     console.print(table)
 
 

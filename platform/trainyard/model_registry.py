@@ -12,6 +12,7 @@ from pathlib import Path
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy import func, select
@@ -99,6 +100,9 @@ def register_version(settings: Settings, *, name: str, model_uri: str, run_id: s
         **{f"metric.{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, int | float)},
         **tags,
     }
+    # MLflow's registry store looks a `models:/m-…` source up through the process's default tracking URI, not
+    # the client's: in a process that never logged a model itself (the sweep driver) that is ./mlruns.
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     version = client.create_model_version(name, model_uri, run_id=run_id, tags=version_tags)
     return _version_view(client.get_model_version(name, version.version))
 
