@@ -35,6 +35,7 @@ TARGETS = {
     "08": ("serving efficiency", "(a) ≤ bare + 3 ms; (b) ≥ 0.7 of bare and ≥ 2× mlflow models serve"),
     "09": ("promote-to-serve", "≤ 1.5×"),
     "10": ("scale of the control plane", "≤ 1.5×"),
+    "11": ("sweep", "≥ 0.99 of the best objective in ≤ 0.4 of the epochs"),
     "12": ("claim contention", "≥ 0.7 of a hand-written SKIP LOCKED claim; every job claimed exactly once"),
 }
 

@@ -26,7 +26,7 @@ PUBLIC = {("GET", "/api/v1/health")}
 
 def api_routes(app) -> list[tuple[str, str]]:
     """Every (method, concrete path) the app serves under /api/v1, path parameters filled in."""
-    filled = {"job_id": "1", "token_id": "1", "name": "digits", "version": "1", "alias": "staging"}
+    filled = {"job_id": "1", "token_id": "1", "name": "digits", "version": "1", "alias": "staging", "sweep_id": "1"}
     routes = []
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/"):

@@ -181,13 +181,70 @@ def test_launch_watch_promote_and_try_in_a_browser(embedded, browser):
     page.close()
 
 
+def test_sweep_from_a_job_page_in_a_browser(embedded, browser):
+    """Open a finished job, choose Sweep, fix a refused space in place, start it, and watch the sweep page reach
+    SUCCEEDED without a reload: counts, best trial, charts of the objective by trial and the learning curves."""
+    base, token, _ = embedded
+    headers = {"Authorization": f"Bearer {token}"}
+    job = httpx.post(f"{base}/api/v1/jobs", headers=headers, json={
+        "kind": "train", "dataset": "digits", "architecture": "cnn", "name": "sweep base", "register": False,
+        "params": {"epochs": 2, "batch_size": 64}}).json()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(30_000)
+    page.goto(f"{base}/login")
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Log in").click()
+    page.goto(f"{base}/jobs/{job['id']}")
+    page.get_by_role("link", name="Sweep", exact=True).click()
+    page.wait_for_url(f"{base}/sweeps/new?from={job['id']}")
+    assert "sweep base sweep" == page.locator("#sweep-name").input_value()
+    assert "batch_size: 64" in page.locator("#sweep-base").input_value()
+    shot(page, "13-sweep-form")
+
+    page.locator("#sweep-space").fill("params.lrr: {type: choice, values: [0.01]}")
+    page.get_by_role("button", name="Start sweep").click()
+    page.locator("#error-summary").wait_for()
+    assert "space.params.lrr" in page.locator("#sweep-space-error").inner_text()
+    assert page.locator("#sweep-space").get_attribute("aria-invalid") == "true"
+    shot(page, "14-sweep-form-error")
+
+    page.locator("#sweep-space").fill("params.lr: {type: choice, values: [0.003, 0.01, 0.0003]}")
+    page.locator("#sweep-algorithm").select_option("grid")
+    page.locator("#sweep-early_stopping-type").select_option("none")
+    page.locator("#sweep-max_trials").fill("3")
+    page.locator("#sweep-max_parallel").fill("1")
+    page.get_by_role("button", name="Start sweep").click()
+    page.wait_for_url(f"{base}/sweeps/*")
+    page.evaluate("window.__sameDocument = true")
+    deadline = time.monotonic() + 300
+    shot_running = False
+    while page.locator("#sweep-status").inner_text() != "SUCCEEDED":
+        assert page.locator("#sweep-status").inner_text() == "RUNNING", page.content()
+        assert time.monotonic() < deadline, "sweep did not finish"
+        if not shot_running and page.locator("#trials tbody tr[data-trial]").count():
+            shot(page, "15-sweep-running")
+            shot_running = True
+        time.sleep(0.5)
+    assert page.evaluate("window.__sameDocument") is True
+    page.wait_for_function("document.querySelector('#charts').dataset.done === 'true'")
+    assert page.locator("#trials tbody tr[data-trial]").count() == 3
+    assert "3 of 3 trials done" in page.locator("#sweep-live").inner_text()
+    assert "Trial" in page.locator("#best-trial").inner_text()
+    titles = page.locator("#charts").inner_text()
+    assert "val_accuracy by trial" in titles and "every trial" in titles and "against params.lr" in titles
+    shot(page, "16-sweep-done")
+    page.goto(f"{base}/sweeps")
+    shot(page, "17-sweeps")
+    page.close()
+
+
 def test_pages_fit_a_phone(embedded, browser):
     base, token, _ = embedded
     page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
     page.goto(f"{base}/login")
     page.get_by_label("API token").fill(token)
     page.get_by_role("button", name="Log in").click()
-    for path in ("/", "/launch", "/datasets", "/models"):
+    for path in ("/", "/launch", "/datasets", "/models", "/sweeps", "/sweeps/new"):
         page.goto(base + path)
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 1, (path, overflow)

@@ -180,3 +180,43 @@ def test_viewers_see_pages_but_cannot_launch(web_app, web_settings):
     token = csrf(viewer, "/datasets")
     response = viewer.post("/datasets", data={"csrf_token": token, "name": "x", "format": "imagefolder", "path": "/x"})
     assert response.status_code == 403
+
+
+def test_sweep_form_opens_from_a_job_refuses_bad_input_in_place_and_starts_a_sweep(browser, web_app, db):
+    job = browser.post("/api/v1/jobs", json={**GOOD, "name": "base-job", "params": {"epochs": 4, "lr": 0.002}}).get_json()
+    detail = browser.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    assert f'href="/sweeps/new?from={job["id"]}"' in detail  # "Sweep" beside "Clone"
+
+    form = browser.get(f"/sweeps/new?from={job['id']}").get_data(as_text=True)
+    assert "base-job sweep" in form and "lr: 0.002" in form  # the job's spec is the base
+    assert "params.lr:" in form and "val_accuracy" in form
+    fields = {"csrf_token": csrf(browser, "/sweeps/new"), "name": "from the form", "algorithm": "random",
+              "objective.metric": "val_accuracy", "objective.direction": "", "objective.at": "best",
+              "early_stopping.type": "median", "early_stopping.min_epochs": "1", "max_trials": "4",
+              "max_parallel": "2", "seed": "0", "model_name": "",
+              "base": "dataset: digits\narchitecture: cnn\nparams: {epochs: 4}\n",
+              "space": "params.lrr: {type: choice, values: [0.1]}\n"}
+    refused = browser.post("/sweeps/new", data=fields)
+    page = refused.get_data(as_text=True)
+    assert refused.status_code == 422 and 'id="error-summary"' in page
+    assert "space.params.lrr" in page and 'id="sweep-space" name="space" rows="6" spellcheck="false" aria-invalid="true"' in page
+    assert "params.lrr: {type: choice, values: [0.1]}" in page  # what was typed comes back as typed
+    assert browser.get("/api/v1/sweeps").get_json()["items"] == []
+
+    broken = browser.post("/sweeps/new", data={**fields, "base": "dataset: [unclosed"})
+    assert broken.status_code == 422 and "not valid YAML" in broken.get_data(as_text=True)
+
+    fields["space"] = "params.lr: {type: loguniform, low: 0.0001, high: 0.01}\n"
+    started = browser.post("/sweeps/new", data=fields)
+    assert started.status_code == 302
+    sweep_id = int(started.headers["Location"].rsplit("/", 1)[1])
+    sweep_page = browser.get(f"/sweeps/{sweep_id}").get_data(as_text=True)
+    assert "from the form" in sweep_page and "0 of 4 trials done" in sweep_page
+    assert 'hx-trigger="every 2s"' in sweep_page  # live while it runs
+    assert browser.get(f"/sweeps/{sweep_id}/charts.json").get_json() == {"done": False, "charts": []}
+    assert "from the form" in browser.get("/sweeps").get_data(as_text=True)
+
+    cancelled = browser.post(f"/sweeps/{sweep_id}/cancel", data={"csrf_token": csrf(browser, f"/sweeps/{sweep_id}")})
+    assert cancelled.status_code == 302
+    ended = browser.get(f"/sweeps/{sweep_id}").get_data(as_text=True)
+    assert "CANCELLED" in ended and 'hx-trigger="every 2s"' not in ended

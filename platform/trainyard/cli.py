@@ -230,14 +230,15 @@ def list_jobs(
     """List jobs, newest first."""
     query = {"limit": limit, **({"status": status_filter} if status_filter else {})}
     page = _request("GET", "/jobs?" + urllib.parse.urlencode(query))
-    table = Table("id", "name", "status", "epoch", "val_accuracy", "attempt", "sweep", "created")
+    trials = any(job.get("sweep_id") for job in page["items"])  # the sweep column only when it says something
+    table = Table("id", "name", "status", "epoch", "val_accuracy", "attempt", *(["sweep"] if trials else []), "created")
     for job in page["items"]:
         acc = job["metrics"].get("val_accuracy")
-        trial = f"{job['sweep_id']} #{job['trial']}" if job.get("sweep_id") else ""
+        trial = [f"{job['sweep_id']} #{job['trial']}" if job.get("sweep_id") else ""] if trials else []
         table.add_row(str(job["id"]), job["name"], job["status"],
                       f"{job['progress'].get('epoch', 0)}/{job['progress'].get('epochs', '?')}",
                       f"{acc:.4f}" if isinstance(acc, float) else "", f"{job['attempt']}/{job['max_attempts']}",
-                      trial, job["created_at"][:19])
+                      *trial, job["created_at"][:19])
     console.print(table)
 
 

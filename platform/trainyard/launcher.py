@@ -45,6 +45,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # MLflow's usage telemetry stays off in every part (see tracking.quiet_mlflow), the MLflow UI included.
         "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
     }
 
 

@@ -32,8 +32,12 @@ def quiet_mlflow() -> None:
     """Turn MLflow 3's usage telemetry off in this process and the processes it starts, unless the operator
     set MLFLOW_DISABLE_TELEMETRY themselves. A self-hosted platform does not report its users' use to a third
     party by default, and on a host without internet each process's attempt held up its exit for seconds (a
-    worker's pool process is replaced every 100 jobs: 1.3-4.7 s each). Called before MLflow's first use."""
+    worker's pool process is replaced every 100 jobs: 1.3-4.7 s each). Called before MLflow's first use.
+
+    Its artifact progress bars stay off too: with tqdm installed (Optuna brings it) each upload and download
+    would write carriage-return bars into the job's own log and the worker's JSON log."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def tracking_client(settings: Settings) -> MlflowClient:

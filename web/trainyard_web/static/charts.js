@@ -6,13 +6,20 @@
   "use strict";
   var COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
 
+  // Optional per chart: "xlabel" (default "epoch"), "log_x", "legend": false; per series "points_only"
+  // (a scatter: points, no line).
   function options(chart, width) {
+    var xlabel = chart.xlabel || "epoch";
+    var none = function () { return null; };
     return {
       title: chart.title, width: width, height: 220,
-      scales: { x: { time: false } },
-      axes: [{ label: "epoch" }, {}],
-      series: [{ label: "epoch" }].concat(chart.series.map(function (s, i) {
-        return { label: s.label, stroke: COLORS[i % COLORS.length], width: 2, points: { show: true, size: 5 } };
+      legend: { show: chart.legend !== false },
+      scales: { x: chart.log_x ? { time: false, distr: 3, log: 10 } : { time: false } },
+      axes: [{ label: xlabel }, {}],
+      series: [{ label: xlabel }].concat(chart.series.map(function (s, i) {
+        var line = { label: s.label, stroke: COLORS[i % COLORS.length], width: 2, points: { show: true, size: 5 } };
+        if (s.points_only) { line.paths = none; line.points = { show: true, size: 7, fill: COLORS[i % COLORS.length] }; }
+        return line;
       })),
     };
   }
@@ -32,7 +39,7 @@
       if (existing) { existing.plot.destroy(); existing.box.remove(); }
       var box = document.createElement("figure");
       box.className = "chart";
-      box.setAttribute("aria-label", chart.title + " by epoch");
+      box.setAttribute("aria-label", chart.title + (chart.xlabel ? "" : " by epoch"));
       root.appendChild(box);
       // Each chart fills its own grid cell, not the whole grid.
       var width = Math.max(240, Math.min(box.clientWidth || 600, 720));

@@ -123,4 +123,4 @@ def _too_many(error):
 
 
 # The pages, by area; imported last because they register themselves on `ui`.
-from trainyard_web.ui import jobs_pages, registry_pages, workers_pages  # noqa: E402,F401
+from trainyard_web.ui import jobs_pages, registry_pages, sweeps_pages, workers_pages  # noqa: E402,F401

@@ -32,3 +32,39 @@ def compare_charts(histories: dict[str, dict[str, Points]]) -> list[dict]:
     """One chart per metric, one line per job."""
     keys = sorted({k for h in histories.values() for k in _per_epoch(h)})
     return [_series_chart(key, {label: h[key] for label, h in histories.items() if key in h}) for key in keys]
+
+
+def sweep_charts(sweep) -> list[dict]:
+    """A sweep's objective by trial with the best so far; every trial's learning curve (the stopped ones
+    marked); and, per numeric parameter, the objective against its value (one point per trial)."""
+    spec = sweep.spec
+    metric = spec.get("objective", {}).get("metric", "objective")
+    maximize = (spec.get("objective", {}).get("direction") or
+                ("minimize" if metric.endswith("loss") else "maximize")) == "maximize"
+    ended = [t for t in sweep.trials if t.value is not None]
+    charts = []
+    if ended:
+        best, best_so_far = None, []
+        for trial in sweep.trials:
+            if trial.status == "SUCCEEDED" and trial.value is not None:
+                best = trial.value if best is None else (max if maximize else min)(best, trial.value)
+            best_so_far.append(best)
+        charts.append({"title": f"{metric} by trial", "xlabel": "trial", "x": [t.number for t in sweep.trials],
+                       "series": [{"label": metric, "values": [t.value for t in sweep.trials], "points_only": True},
+                                  {"label": "best so far", "values": best_so_far}]})
+    curves = {f"trial {t.number}" + (" (stopped)" if t.status == "PRUNED" else ""): t.reports
+              for t in sweep.trials if t.reports}
+    if curves:
+        chart = _series_chart(f"{metric} by epoch, every trial", curves)
+        charts.append(chart)
+    for path in spec.get("space", {}):
+        points = sorted((float(t.params[path]), t.number, t.value) for t in ended
+                        if isinstance(t.params.get(path), int | float) and not isinstance(t.params.get(path), bool))
+        if len({x for x, _, _ in points}) < 2:
+            continue
+        xs = sorted({x for x, _, _ in points})
+        series = [{"label": f"trial {number}", "points_only": True,
+                   "values": [value if x == px else None for x in xs]} for px, number, value in points]
+        charts.append({"title": f"{metric} against {path}", "xlabel": path, "x": xs, "series": series,
+                       "legend": False, "log_x": spec["space"][path].get("type") == "loguniform"})
+    return charts

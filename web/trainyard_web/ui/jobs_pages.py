@@ -18,14 +18,14 @@ MAX_COMPARED = 8
 
 
 def _filters() -> dict[str, str]:
-    return {key: request.args.get(key, "").strip() for key in ("status", "dataset", "architecture")}
+    return {key: request.args.get(key, "").strip() for key in ("status", "dataset", "architecture", "sweep")}
 
 
 def _page(filters: dict[str, str]):
     status = filters["status"].upper()
     return jobs.list_jobs(platform().db, statuses=[status] if status in JobStatus.__members__ else [],
                           dataset=filters["dataset"] or None, architecture=filters["architecture"] or None,
-                          limit=PAGE_SIZE, before=request.args.get("before", type=int))
+                          sweep=int(filters["sweep"]) if filters["sweep"].isdigit() else None, limit=PAGE_SIZE, before=request.args.get("before", type=int))
 
 
 @ui.get("/")
