@@ -4,6 +4,7 @@
 // While "done" is false the charts are fetched again every few seconds and grow in place.
 (function () {
   "use strict";
+  var WHOLE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000];
   var COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"];
 
   // Optional per chart: "xlabel" (default "epoch"), "log_x", "legend": false; per series "points_only"
@@ -15,7 +16,8 @@
       title: chart.title, width: width, height: 220,
       legend: { show: chart.legend !== false },
       scales: { x: chart.log_x ? { time: false, distr: 3, log: 10 } : { time: false } },
-      axes: [{ label: xlabel }, {}],
+      // Epochs and trials are whole numbers: no tick at 1.5 (a parameter's axis keeps uPlot's own ticks).
+      axes: [chart.xlabel && chart.xlabel !== "trial" ? { label: xlabel } : { label: xlabel, incrs: WHOLE }, {}],
       series: [{ label: xlabel }].concat(chart.series.map(function (s, i) {
         var line = { label: s.label, stroke: COLORS[i % COLORS.length], width: 2, points: { show: true, size: 5 } };
         if (s.points_only) { line.paths = none; line.points = { show: true, size: 7, fill: COLORS[i % COLORS.length] }; }
@@ -44,6 +46,13 @@
       // Each chart fills its own grid cell, not the whole grid.
       var width = Math.max(240, Math.min(box.clientWidth || 600, 720));
       root._plots[chart.title] = { key: key, box: box, plot: new uPlot(options(chart, width), data, box) };
+    });
+    // A chart made while its cell was still alone in the grid took the whole row's width: once every cell is
+    // in place, each chart takes its own cell's width.
+    Object.keys(root._plots).forEach(function (title) {
+      var entry = root._plots[title];
+      var fit = Math.max(240, Math.min(entry.box.clientWidth || 600, 720));
+      if (Math.abs(entry.plot.width - fit) > 1) { entry.plot.setSize({ width: fit, height: 220 }); }
     });
     var empty = root.querySelector(".charts-empty");
     if (empty) { empty.hidden = payload.charts.length > 0; }
