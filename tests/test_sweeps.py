@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 from trainyard import attempts, leases, sweep_driver, sweeps
 from trainyard.config import Settings
 from trainyard.datasets import ensure_builtin_datasets
-from trainyard.errors import Conflict, InvalidSpec
+from trainyard.auth import Principal, Role
+from trainyard.errors import Conflict, Forbidden, InvalidSpec
 from trainyard.models import Job, JobStatus, Sweep, SweepTrial
 from trainyard.queueing import CeleryDispatch
 from trainyard.sweep_specs import SweepSpec
@@ -215,6 +216,11 @@ def test_a_sweep_whose_trials_keep_failing_stops_itself_and_says_why(platform_db
 def test_cancel_stops_the_sweep_and_its_queued_and_running_trials(platform_db, settings, dispatch):
     sweep_id = open_sweep(platform_db, settings, sweep_spec(max_trials=6, max_parallel=2))
     first, second = sweep_driver.start_trials(platform_db, dispatch, settings, sweep_id)
+    # The rule lives in the service, for every entry point: only a member (or admin) who owns it cancels it.
+    for actor in (Principal("alice", Role.VIEWER, 1), Principal("bob", Role.MEMBER, 2)):
+        with pytest.raises(Forbidden):
+            sweeps.cancel_sweep(platform_db, settings, sweep_id, actor=actor)
+    assert sweeps.get_sweep(platform_db, sweep_id).status == "RUNNING"
     leases.claim_job(platform_db, first, "test-worker", 60)
     sweeps.cancel_sweep(platform_db, settings, sweep_id)
     with platform_db.read_scope() as s:

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from trainyard import tracking
-from trainyard.auth import Principal
+from trainyard.auth import Principal, Role
 from trainyard.config import Settings
 from trainyard.db import Database
 from trainyard.errors import Conflict, Forbidden, NotFound
@@ -118,6 +118,8 @@ def cancel_sweep(db: Database, settings: Settings, sweep_id: int, *, actor: Prin
         row = s.get(Sweep, sweep_id) if 0 < sweep_id <= 2**63 - 1 else None
         if row is None:
             raise NotFound(f"No sweep with id {sweep_id}.")
+        if actor is not None:
+            actor.require(Role.MEMBER, "Cancelling a sweep")
         if actor is not None and not actor.may_act_for(row.owner):
             raise Forbidden(f"Sweep {sweep_id} is {row.owner or 'nobody'}'s; only its owner or an admin may cancel it.")
         if row.status != SweepStatus.RUNNING:
