@@ -58,7 +58,7 @@ def run_trial(db, job_id: int, curve: list[float], *, fail: str | None = None) -
         return JobStatus.FAILED
     for epoch, value in enumerate(curve, start=1):
         metrics = {"val_accuracy": value, "val_loss": 1 - value, "train_loss": 1 - value}
-        if sweeps.report_epoch(db, job.id, epoch, metrics):
+        if sweeps.report_epoch(db, job.id, epoch, metrics, last=epoch == len(curve)):
             attempts.prune_job(db, job.id, job.attempt, f"stopped early at epoch {epoch}", metrics, {})
             return JobStatus.PRUNED
     attempts.finish_job(db, job.id, job.attempt, metrics, {})
@@ -259,3 +259,18 @@ def test_the_api_submits_lists_shows_and_cancels_sweeps_for_their_owner(web_app)
     cancelled = alice.post(f"/api/v1/sweeps/{sweep['id']}/cancel")
     assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "CANCELLED"
     assert alice.post(f"/api/v1/sweeps/{sweep['id']}/cancel").status_code == 409
+
+
+def test_a_trial_that_trained_its_whole_budget_completes_even_where_a_rung_falls_on_its_last_epoch(
+        platform_db, settings, dispatch):
+    # Rungs at epochs 1, 2 and 4 (reduction factor 2): the second trial ties the first at rungs 1 and 2, and is
+    # behind it at epoch 4, its last. Spent training is not "stopped early": it completes, with its model.
+    spec = sweep_spec(max_trials=2, max_parallel=1, early_stopping={"type": "asha", "min_epochs": 1,
+                                                                     "reduction_factor": 2})
+    sweep_id = open_sweep(platform_db, settings, spec)
+    outcomes = []
+    for curve in ([0.5, 0.6, 0.7, 0.8], [0.5, 0.6, 0.7, 0.75]):
+        (job_id,) = sweep_driver.start_trials(platform_db, dispatch, settings, sweep_id)
+        outcomes.append(run_trial(platform_db, job_id, curve))
+        sweep_driver.settle_trials(platform_db, sweep_id)
+    assert outcomes == [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED]

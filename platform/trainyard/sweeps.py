@@ -152,9 +152,11 @@ def cancel_active_trials(db: Database, sweep_id: int) -> None:
             pass  # it ended meanwhile
 
 
-def report_epoch(db: Database, job_id: int, epoch: int, metrics: dict[str, float]) -> bool:
+def report_epoch(db: Database, job_id: int, epoch: int, metrics: dict[str, float], *, last: bool = False) -> bool:
     """A trial's epoch ended: store its objective for that epoch (once; a resumed attempt's repeat keeps the
-    first) and ask the sweep's pruner. True: stop the trial now. False for a job that is no trial."""
+    first) and ask the sweep's pruner. True: stop the trial now. False for a job that is no trial, and after
+    its `last` epoch: a trial that has trained its whole budget completes (successive halving would otherwise
+    "stop" it at a rung that falls on its last epoch, after the training was spent, and lose its model)."""
     with db.read_scope() as s:
         job = s.execute(select(Job.sweep_id, Job.trial).where(Job.id == job_id)).first()
         if job is None or job.sweep_id is None:
@@ -166,7 +168,7 @@ def report_epoch(db: Database, job_id: int, epoch: int, metrics: dict[str, float
         values = {"sweep_id": job.sweep_id, "number": job.trial, "step": epoch, "value": float(value)}
         upsert = pg_insert if s.bind.dialect.name == "postgresql" else sqlite_insert
         s.execute(upsert(SweepReport).values(**values).on_conflict_do_nothing())
-        if spec.early_stopping.type == "none":
+        if spec.early_stopping.type == "none" or last:
             return False
         trials = study_trials(s, job.sweep_id)
     prune, attrs = should_prune(spec, trials, job.trial)

@@ -213,7 +213,9 @@ def train(ctx, job: JobView, lease, run: JobRun, spec: JobSpec, dataset: Dataset
                 summary["stopped_early_at_epoch"] = epoch
             # A sweep's trial reports its objective and learns whether its sweep stops it here; asked before the
             # checkpoint, so a resumed attempt finds the decision in it.
-            if job.sweep_id is not None and call_db(sweeps.report_epoch, ctx.db, job.id, epoch, epoch_metrics):
+            last = epoch == params.epochs or "stopped_early_at_epoch" in summary
+            if job.sweep_id is not None and call_db(sweeps.report_epoch, ctx.db, job.id, epoch, epoch_metrics,
+                                                    last=last):
                 summary["pruned_at_epoch"] = epoch
 
             # Checkpoint first, metrics second: a resumed attempt never logs an epoch twice. A new file per
