@@ -19,6 +19,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
 
 from trainyard.config import Settings
 from trainyard.metric_writer import MetricWriterProcess, WriterUnavailable, log_points, shared_writer
@@ -95,6 +96,13 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: "" if value is None else str(value)}
 
 
+def _lost_insert_race(exc: BaseException) -> bool:
+    """A tracking store's unique-key violation (SQLite or PostgreSQL, as MLflow passes it on)."""
+    text = str(exc)
+    return isinstance(exc, mlflow.exceptions.MlflowException) and (
+        "UNIQUE constraint failed" in text or "duplicate key value" in text)
+
+
 class JobRun:
     """One job's MLflow run. Metrics go out as one `log_batch` per call, never one request per value."""
 
@@ -143,7 +151,14 @@ class JobRun:
         """Record the dataset (by content fingerprint) as the run's input."""
         dataset = Dataset(name=name, digest=fingerprint[:36], source_type=fmt, source=json.dumps({"uri": source}),
                           profile=json.dumps({"task": task, "fingerprint": fingerprint}))
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        # MLflow looks for the experiment's dataset row, then inserts it: runs starting together (a sweep's
+        # trials on several workers) all but one lose that race on its unique key. Once it exists, a retry
+        # links this run to it.
+        for attempt in Retrying(retry=retry_if_exception(_lost_insert_race), stop=stop_after_attempt(3),
+                                wait=wait_random(0.01, 0.1), reraise=True):
+            with attempt:
+                self.client.log_inputs(self.run_id, inputs)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, dict(data), artifact_file)
