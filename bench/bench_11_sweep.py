@@ -43,7 +43,7 @@ OVERHEAD_LRS = [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]
 
 def wait_sweep(client: httpx.Client, sweep_id: int, timeout: float = 1800) -> dict:
     deadline = time.monotonic() + timeout
-    while (sweep := client.get(f"/api/v1/sweeps/{sweep_id}").json())["status"] == "RUNNING":
+    while (sweep := client.get(f"/api/v1/sweeps/{sweep_id}").raise_for_status().json())["status"] == "RUNNING":
         if time.monotonic() > deadline:
             raise RuntimeError(f"sweep {sweep_id} still running after {timeout}s")
         time.sleep(0.5)

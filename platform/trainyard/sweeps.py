@@ -203,19 +203,20 @@ def study_trials(s: Session, sweep_id: int) -> list[TrialRecord]:
 
 
 def _trial_views(s: Session, sweep_id: int) -> list[TrialView]:
-    records = {t.number: t for t in study_trials(s, sweep_id)}
-    rows = s.execute(select(SweepTrial.number, SweepTrial.job_id, SweepTrial.error, Job.status, Job.error)
-                     .outerjoin(Job, Job.id == SweepTrial.job_id)
+    # The trials and their jobs in one statement: trials started between two reads must not be half seen.
+    rows = s.execute(select(SweepTrial, Job.status, Job.error).outerjoin(Job, Job.id == SweepTrial.job_id)
                      .where(SweepTrial.sweep_id == sweep_id).order_by(SweepTrial.number)).all()
+    reports: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for number, step, value in s.execute(select(SweepReport.number, SweepReport.step, SweepReport.value)
+                                         .where(SweepReport.sweep_id == sweep_id).order_by(SweepReport.step)):
+        reports[number].append((step, value))
     views = []
-    for number, job_id, trial_error, job_status, job_error in rows:
-        record = records[number]
-        reports = sorted(record.reports.items())
-        latest = reports[-1][1] if reports else None
+    for trial, job_status, job_error in rows:
+        curve = reports[trial.number]
         views.append(TrialView(
-            number=number, job_id=job_id, status=job_status or JobStatus.FAILED, params=record.params,
-            value=record.value if record.value is not None else latest, epochs=len(reports),
-            error=trial_error or ((job_error or "").splitlines() or [None])[0], reports=reports))
+            number=trial.number, job_id=trial.job_id, status=job_status or JobStatus.FAILED,
+            params=dict(trial.params), value=trial.value if trial.value is not None else (curve[-1][1] if curve else None),
+            epochs=len(curve), error=trial.error or ((job_error or "").splitlines() or [None])[0], reports=curve))
     return views
 
 
