@@ -41,12 +41,12 @@ SPACE = {"params.lr": {"type": "choice", "values": [1e-4, 1e-3, 3e-3, 1e-2]},
 OVERHEAD_LRS = [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]
 
 
-def wait_sweep(client: httpx.Client, sweep_id: int, timeout: float = 1800) -> dict:
+def wait_sweep(client: httpx.Client, sweep_id: int, timeout: float = 1800, poll: float = 0.5) -> dict:
     deadline = time.monotonic() + timeout
     while (sweep := client.get(f"/api/v1/sweeps/{sweep_id}").raise_for_status().json())["status"] == "RUNNING":
         if time.monotonic() > deadline:
             raise RuntimeError(f"sweep {sweep_id} still running after {timeout}s")
-        time.sleep(0.5)
+        time.sleep(poll)
     if sweep["status"] != "SUCCEEDED":
         raise RuntimeError(f"sweep {sweep_id} {sweep['status']}: {sweep['status_reason']}")
     return sweep
@@ -103,7 +103,7 @@ def overhead_sweep(client: httpx.Client) -> float:
         "space": {"params.lr": {"type": "choice", "values": OVERHEAD_LRS}}, "max_trials": 6, "max_parallel": 1,
         "register": "none", "early_stopping": {"type": "median", "min_epochs": 1, "startup_trials": 100}})
     response.raise_for_status()
-    sweep = wait_sweep(client, response.json()["id"])
+    sweep = wait_sweep(client, response.json()["id"], poll=0.02)  # as often as the plain jobs' client polls
     jobs = client.get(f"/api/v1/jobs?sweep={sweep['id']}").json()["items"]
     assert len(jobs) == 6 and all(j["status"] == "SUCCEEDED" for j in jobs), jobs
     return time.perf_counter() - t0  # the driver ends the sweep after the last trial: that is its cost too

@@ -148,6 +148,8 @@ def test_concurrent_drivers_start_each_trial_once_and_never_exceed_max_parallel(
         while finished < 12:
             running = active_trials(platform_db, sweep_id)
             most_active = max(most_active, len(running))
+            seen = sweeps.get_sweep(platform_db, sweep_id).trials  # read whole while the drivers start trials
+            assert [t.number for t in seen] == list(range(1, len(seen) + 1))
             if running:
                 run_trial(platform_db, running[0], [0.5, 0.6, 0.7, 0.8])
                 finished += 1
